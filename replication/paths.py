@@ -1,0 +1,40 @@
+"""Where things live on disk. The only module that reads path settings from the environment."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dir(env_var: str, default: Path) -> Path:
+    value = os.environ.get(env_var)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def data_dir() -> Path:
+    """Parent of ``raw/`` (download cache) and ``processed/`` (built datasets)."""
+    return _dir("PTR_DATA_DIR", REPO_ROOT / "data")
+
+
+def raw_dir() -> Path:
+    return data_dir() / "raw"
+
+
+def processed_dir() -> Path:
+    return data_dir() / "processed"
+
+
+def mirror_dir() -> Path | None:
+    """A local directory holding byte-exact copies of the raw files (read instead of downloading)."""
+    value = os.environ.get("PTR_DATA_MIRROR")
+    return Path(value).expanduser().resolve() if value else None
+
+
+def cache_dir() -> Path:
+    """Converted and post-trained model directories."""
+    return _dir("PTR_CACHE_DIR", REPO_ROOT / "cache")
+
+
+def results_dir(profile: str) -> Path:
+    return _dir("PTR_RESULTS_DIR", REPO_ROOT / "results") / profile
