@@ -1,0 +1,44 @@
+# One-command entry points. Every target depends on what it needs, so each works on a fresh clone.
+PROFILE ?= demo
+PYTHON  ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PTR     := $(BIN)/ptr
+# CI and offline machines point this at a directory of byte-exact raw files (see data_prep/sources.yaml).
+export PTR_DATA_MIRROR ?= $(wildcard ../shared/data/raw)
+
+.PHONY: setup test data posttrain replicate report audit bench clean
+
+setup: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and alone, pinned with nnsight: on CPU machines this takes the CPU build, never a CUDA one.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest
+
+data: setup
+	$(PTR) data --profile $(PROFILE)
+
+posttrain: data
+	$(PTR) posttrain --profile $(PROFILE)
+
+replicate: setup
+	$(PTR) replicate --profile $(PROFILE)
+
+report: setup
+	$(PTR) report --profile $(PROFILE)
+
+audit: setup
+	$(PTR) audit --profile $(PROFILE)
+
+bench: setup
+	$(BIN)/python -m bench.run --profile $(PROFILE)
+
+clean:
+	rm -rf results report/_output cache data

@@ -1,0 +1,3 @@
+from ptr.cli import main
+
+main()

@@ -1,0 +1,137 @@
+"""`ptr`: the command line of the replication package. It orchestrates data_prep -> replication -> analysis ->
+report; it is the only package that imports all of them (heavy imports happen inside each command)."""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+
+import click
+
+EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")
+PROFILE_OPTION = click.option(
+    "--profile", default="demo", show_default=True,
+    help="Profile name (paper, demo, tiny) or path to a profile YAML file.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Replication of Du et al. (2025), "How Post-Training Reshapes LLMs" (arXiv 2504.02904).
+
+    Typical order: `ptr data`, `ptr posttrain` (demo/tiny), `ptr run EXPERIMENT` for each experiment,
+    `ptr report`, `ptr audit`. `make replicate` runs them all.
+    """
+
+
+@main.command()
+@PROFILE_OPTION
+@click.option("--mirror", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Directory with byte-exact copies of the raw files (instead of downloading). "
+                   "Also read from the PTR_DATA_MIRROR environment variable.")
+def data(profile: str, mirror: str | None) -> None:
+    """Fetch and verify the raw data, then build every processed dataset (and the patching pairs for the
+    tokenizers of the profile's models) into data/processed/ with a manifest. Finished outputs are skipped."""
+    from data_prep.build import build_all
+    from replication.config import load_profile
+    from replication.models import pair_tokenizers
+
+    prof = load_profile(profile)
+    manifest = build_all(mirror=mirror, tokenizers=pair_tokenizers(prof))
+    click.echo(f"processed data ready: {manifest}")
+
+
+@main.command()
+@PROFILE_OPTION
+def posttrain(profile: str) -> None:
+    """Make the profile's own post-trained models (demo: Gemma-3-270m SFT; tiny: tiny SFT). A finished model
+    (same recipe hash) is never retrained."""
+    from replication.config import load_profile
+    from replication.posttrain import posttrain_profile
+
+    for path in posttrain_profile(load_profile(profile)):
+        click.echo(f"post-trained model: {path}")
+
+
+@main.command()
+@click.argument("experiment", type=click.Choice(EXPERIMENTS + ("all",)))
+@PROFILE_OPTION
+def run(experiment: str, profile: str) -> None:
+    """Run one experiment (or all) for a profile and write its cube to results/<profile>/<experiment>.zarr.
+    Resumable: finished units are skipped."""
+    from replication.config import load_profile
+
+    prof = load_profile(profile)
+    for name in EXPERIMENTS if experiment == "all" else (experiment,):
+        start = time.time()
+        path = importlib.import_module(f"replication.{name}").run(prof)
+        click.echo(f"{name}: {path} ({time.time() - start:.0f} s)")
+
+
+@main.command()
+@PROFILE_OPTION
+def analyze(profile: str) -> None:
+    """Compute every table of the paper from the profile's cubes and print them."""
+    from analysis.tables import all_tables
+
+    for title, table in all_tables(profile).items():
+        click.echo(f"\n## {title}\n")
+        click.echo(table.to_string())
+
+
+@main.command()
+@PROFILE_OPTION
+@click.option("--to", "formats", default="html,pdf", show_default=True, help="Comma-separated output formats.")
+def report(profile: str, formats: str) -> None:
+    """Render the report (HTML and PDF) from the profile's cubes: with Quarto when it is installed, otherwise
+    with the built-in fallback renderer (nbclient + pandoc + typst)."""
+    from report.render import render_report
+
+    for fmt, path in render_report(profile, tuple(formats.split(","))).items():
+        click.echo(f"{fmt}: {path}")
+
+
+@main.command()
+@PROFILE_OPTION
+@click.option("--strict", is_flag=True, help="Exit non-zero when a replicated number fails its tolerance.")
+def audit(profile: str, strict: bool) -> None:
+    """Compare every replicated number with the published one (paper profile) or check the paper's claims
+    qualitatively (demo, tiny). Writes results/<profile>/audit.{json,md}."""
+    from analysis.audit import run_audit
+
+    table, exit_code = run_audit(profile, strict=strict)
+    click.echo(table.to_string(index=False))
+    sys.exit(exit_code)
+
+
+@main.command()
+@PROFILE_OPTION
+@click.pass_context
+def replicate(ctx: click.Context, profile: str) -> None:
+    """Everything, in order: data -> post-training -> the four experiments -> report -> audit. Each step is
+    resumable and skips what is already current; a summary with the time per step ends the run."""
+    from replication.config import load_profile
+
+    steps = [("data", data, {"mirror": None})]
+    if load_profile(profile).posttrained_models():
+        steps.append(("posttrain", posttrain, {}))
+    steps += [(f"run {name}", run, {"experiment": name}) for name in EXPERIMENTS]
+    steps += [("report", report, {"formats": "html,pdf"}), ("audit", audit, {"strict": False})]
+    timings = []
+    for title, command, kwargs in steps:
+        click.secho(f"==> {title}", bold=True)
+        start = time.time()
+        try:
+            ctx.invoke(command, profile=profile, **kwargs)
+        except SystemExit as exit_:  # audit exits with its code; only --strict makes it non-zero
+            if exit_.code:
+                raise
+        timings.append((title, time.time() - start))
+    click.secho("\nSummary", bold=True)
+    for title, seconds in timings:
+        click.echo(f"  {title:<20} {seconds:8.1f} s")
+    click.echo(f"  {'total':<20} {sum(s for _, s in timings):8.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Cube store: write/read round trips, resume semantics, provenance attrs that survive later writes."""
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from replication.cubes import COMPLETE_ATTR, UNITS_GROUP, CubeStore, open_cube
+from replication.provenance import git_commit, package_versions
+
+
+def unit_dataset(seed: int) -> xr.Dataset:
+    rng = np.random.default_rng(seed)
+    return xr.Dataset(
+        {"patch_effect": (("layer", "token"), rng.normal(size=(3, 4)))},
+        coords={"layer": [0, 1, 2], "token": ["[s1]", "is", "in", "[o1]"], "dataset": "cities"},
+        attrs={"n_pairs": 7},
+    )
+
+
+def test_round_trip_keeps_values_labels_and_attrs(tmp_path):
+    store = CubeStore(tmp_path / "knowledge.zarr", provenance={"git_commit": "abc", "models": {"m": {"hf_id": "x"}}})
+    original = unit_dataset(0)
+    store.write_unit("m__cities", original)
+    back = CubeStore(tmp_path / "knowledge.zarr").read_unit("m__cities")
+    xr.testing.assert_identical(back.drop_attrs(), original.drop_attrs())
+    assert back.attrs["n_pairs"] == 7 and "finished_at" in back.attrs
+    assert store.attrs["models"] == {"m": {"hf_id": "x"}}
+
+
+def test_root_attrs_survive_unit_writes_and_are_merged(tmp_path):
+    path = tmp_path / "c.zarr"
+    CubeStore(path, provenance={"git_commit": "abc", "seed": 1})
+    store = CubeStore(path, provenance={"seed": 2, "device": "cpu"})
+    store.write_unit("a", unit_dataset(0))
+    store.write_unit("b", unit_dataset(1))
+    store.update_attrs(finished_at="t")
+    assert open_cube(path).attrs == {"git_commit": "abc", "seed": 2, "device": "cpu", "finished_at": "t"}
+
+
+@pytest.mark.filterwarnings("ignore:The data type")  # the simulated half-write uses fixed-width strings
+def test_unfinished_unit_is_invisible_and_rewritten(tmp_path):
+    path = tmp_path / "c.zarr"
+    store = CubeStore(path)
+    store.write_unit("done", unit_dataset(0))
+    # Simulate a run killed after writing data but before the completion marker.
+    unit_dataset(1).to_zarr(str(path), group=f"{UNITS_GROUP}/half", mode="w", zarr_format=3, consolidated=False)
+    assert store.unit_names() == ["done"]
+    assert not store.has_unit("half")
+    with pytest.raises(KeyError, match="no finished unit 'half'"):
+        store.read_unit("half")
+    store.write_unit("half", unit_dataset(2))
+    assert store.unit_names() == ["done", "half"]
+    np.testing.assert_array_equal(store.read_unit("half").patch_effect, unit_dataset(2).patch_effect)
+    assert zarr.open_group(str(path), path=f"{UNITS_GROUP}/half").attrs[COMPLETE_ATTR] is True
+
+
+def test_bad_unit_name_and_missing_cube_errors(tmp_path):
+    store = CubeStore(tmp_path / "c.zarr")
+    with pytest.raises(ValueError, match="unit name 'a/b'"):
+        store.write_unit("a/b", unit_dataset(0))
+    with pytest.raises(FileNotFoundError, match="ptr run refusal --profile demo"):
+        open_cube(tmp_path / "demo" / "refusal.zarr")
+
+
+def test_provenance_pieces():
+    commit = git_commit()
+    assert commit == "unknown" or len(commit.split("+")[0]) == 40
+    versions = package_versions(["xarray", "no-such-package-xyz"])
+    assert versions["xarray"] == xr.__version__ and versions["no-such-package-xyz"] == "not installed"
