@@ -1,0 +1,1 @@
+"""Raw files -> verified, processed datasets under data/processed/ (see docs/ARCHITECTURE.md, "Data")."""

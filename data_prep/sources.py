@@ -1,0 +1,129 @@
+"""The raw source table (sources.yaml) and `fetch`: one verified copy of each raw file in the raw cache.
+
+A file is copied from a local mirror when one is given (argument or PTR_DATA_MIRROR), otherwise downloaded
+from GitHub at the pinned commit. Every file is checked against its size and sha256 before it is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from data_prep.errors import DataError
+from replication import paths
+
+SOURCES_YAML = Path(__file__).with_name("sources.yaml")
+ROLES = ("truth", "few_shot", "refusal", "artifact")
+_REQUIRED_KEYS = {"role", "bytes", "sha256", "repository", "commit", "path"}
+_ALLOWED_KEYS = _REQUIRED_KEYS | {"note"}
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str  # local path under the raw cache, e.g. "truth/cities.csv"
+    role: str
+    bytes: int
+    sha256: str
+    repository: str
+    commit: str
+    path: str
+    url: str
+    note: str | None = None
+
+
+@cache
+def source_table() -> dict[str, Source]:
+    """All raw files by local name, validated on load."""
+    doc = yaml.safe_load(SOURCES_YAML.read_text())
+    if not isinstance(doc, dict) or set(doc) != {"url_pattern", "files"}:
+        raise DataError(f"{SOURCES_YAML}: top level must have exactly the keys url_pattern and files")
+    table = {}
+    for name, entry in doc["files"].items():
+        where = f"{SOURCES_YAML}, entry {name!r}"
+        if not isinstance(entry, dict):
+            raise DataError(f"{where}: must be a mapping with keys {sorted(_REQUIRED_KEYS)}")
+        missing, unknown = _REQUIRED_KEYS - set(entry), set(entry) - _ALLOWED_KEYS
+        if missing or unknown:
+            raise DataError(f"{where}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}; "
+                            f"allowed keys: {sorted(_ALLOWED_KEYS)}")
+        if entry["role"] not in ROLES:
+            raise DataError(f"{where}: role {entry['role']!r} is not one of {ROLES}")
+        fields = {k: str(entry[k]) for k in ("role", "sha256", "repository", "commit", "path")}
+        if len(fields["sha256"]) != 64:
+            raise DataError(f"{where}: sha256 must be 64 hex digits, got {fields['sha256']!r}")
+        table[name] = Source(name=name, bytes=int(entry["bytes"]), note=entry.get("note"),
+                             url=doc["url_pattern"].format(**fields), **fields)
+    return table
+
+
+def source(name: str) -> Source:
+    table = source_table()
+    if name not in table:
+        raise DataError(f"unknown raw file {name!r}; known raw files (data_prep/sources.yaml): {sorted(table)}")
+    return table[name]
+
+
+def sources_with_role(role: str) -> list[Source]:
+    return [s for s in source_table().values() if s.role == role]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(path: Path, src: Source, fix: str) -> None:
+    """Raise DataError unless `path` has the size and sha256 of `src`; `fix` says what to do about it."""
+    size, sha = path.stat().st_size, sha256_of(path)
+    if size != src.bytes or sha != src.sha256:
+        raise DataError(f"{path} ({src.name}) does not match data_prep/sources.yaml: expected sha256 {src.sha256} "
+                        f"({src.bytes} bytes), actual sha256 {sha} ({size} bytes). Fix: {fix}")
+
+
+def fetch(name: str, mirror: str | Path | None = None) -> Path:
+    """The verified raw file `name` in the raw cache, copied from the mirror or downloaded once if absent."""
+    src = source(name)
+    target = paths.raw_dir() / name
+    if target.exists():
+        verify(target, src, fix=f"delete the cached file {target} and run again (it is fetched anew).")
+        return target
+    mirror = Path(mirror).expanduser().resolve() if mirror else paths.mirror_dir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    if mirror is not None:
+        origin = mirror / name
+        if not origin.is_file():
+            raise DataError(f"raw file {name} is not in the mirror {mirror} (expected {origin}). Fix: check the "
+                            f"mirror directory (--mirror / PTR_DATA_MIRROR), or unset it to download {src.url}")
+        shutil.copyfile(origin, partial)
+        fix = f"check the mirror copy {origin} (it must be a byte-exact copy of {src.url})."
+    else:
+        _download(src, partial)
+        fix = f"the download from {src.url} is not the pinned file; use a mirror (--mirror / PTR_DATA_MIRROR)."
+    try:
+        verify(partial, src, fix)
+    except DataError:
+        partial.unlink()
+        raise
+    partial.replace(target)
+    return target
+
+
+def _download(src: Source, dest: Path) -> None:
+    try:
+        with urllib.request.urlopen(src.url, timeout=60) as response, open(dest, "wb") as out:
+            shutil.copyfileobj(response, out)
+    except (urllib.error.URLError, OSError) as exc:
+        dest.unlink(missing_ok=True)
+        note = f" Note: {src.note}" if src.note else ""
+        raise DataError(f"could not download {src.name} from {src.url}: {exc}. Fix: use a local mirror of the raw "
+                        f"files (--mirror DIR or PTR_DATA_MIRROR).{note}") from exc

@@ -1,0 +1,41 @@
+"""Shared fixtures. `processed_data` builds the processed datasets once per session from the raw mirror into a
+temporary PTR_DATA_DIR (patching pairs for the Llama-3 tokenizer via quicktok), so tests read processed data
+through the data_prep readers exactly as the experiments do."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from replication import paths
+
+DEFAULT_MIRROR = paths.REPO_ROOT.parent / "shared" / "data" / "raw"
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The raw-data mirror (PTR_DATA_MIRROR, else ../shared/data/raw); tests that need it skip without it."""
+    path = paths.mirror_dir() or DEFAULT_MIRROR
+    if not path.is_dir():
+        pytest.skip(f"raw data mirror {path} does not exist (set PTR_DATA_MIRROR to a copy of the raw files)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama3_encode():
+    import quicktok
+
+    return quicktok.get_encoding("llama3").encode
+
+
+@pytest.fixture(scope="session")
+def processed_data(tmp_path_factory, mirror, llama3_encode) -> Path:
+    """A PTR_DATA_DIR holding raw/ (fetched from the mirror) and processed/ (built), set for the whole session."""
+    from data_prep.build import build_all
+
+    data_dir = tmp_path_factory.mktemp("ptr_data")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PTR_DATA_DIR", str(data_dir))
+        patch.setenv("PTR_DATA_MIRROR", str(mirror))
+        build_all(mirror=mirror, tokenizers={"llama3": llama3_encode}, progress=False)
+        yield data_dir

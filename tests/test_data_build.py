@@ -1,0 +1,88 @@
+"""build_all: manifest contents, skipping current units, rebuilding stale ones."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from data_prep import build
+from data_prep.build import build_all
+from data_prep.datasets import read_pairs, read_truth
+from data_prep.errors import DataError
+from data_prep.sources import source
+
+
+def byte_encode(text: str) -> list[int]:
+    """A tokenizer with one token per UTF-8 byte: the pair builder must work for any tokenizer."""
+    return list(text.encode("utf-8"))
+
+
+def test_manifest_lists_inputs_outputs_and_counts(processed_data):
+    root = processed_data / "processed"
+    manifest = json.loads((root / "manifest.json").read_text())
+    units = manifest["units"]
+    assert units["pairs/llama3/cities"]["counts"] == {"pairs": 238}
+    assert units["truth/facts"]["counts"] == {"rows": 561, "true": 279, "false": 282}
+    assert units["refusal"]["counts"]["harmless_train"] == 25058
+    for name, entry in units.items():
+        for raw, sha in entry["inputs"].items():
+            assert sha == source(raw).sha256, name
+        for rel, sha in entry["outputs"].items():
+            assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == sha, rel
+
+
+def mtimes(root):
+    return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def test_current_units_are_skipped_and_stale_ones_rebuilt(tmp_path, monkeypatch, mirror):
+    monkeypatch.setenv("PTR_DATA_DIR", str(tmp_path))
+    root = tmp_path / "processed"
+    build_all(mirror=mirror, tokenizers={"bytes": byte_encode}, progress=False)
+    first = mtimes(root)
+    assert len(read_pairs("bytes", "cities")) > 0
+
+    build_all(mirror=mirror, tokenizers={"bytes": byte_encode}, progress=False)
+    assert mtimes(root) == first  # nothing rewritten, not even the manifest
+
+    (root / "truth" / "cities.csv").write_text("statement,label\n")  # a damaged output is rebuilt
+    build_all(mirror=mirror, tokenizers={"bytes": byte_encode}, progress=False)
+    assert len(read_truth("cities")) == 1496
+    changed = {k for k, v in mtimes(root).items() if first[k] != v}
+    assert changed == {"truth/cities.csv", "manifest.json"}
+
+    shifted = lambda text: [b + 1 for b in byte_encode(text)]  # another tokenizer under the same key
+    before = mtimes(root)
+    build_all(mirror=mirror, tokenizers={"bytes": shifted}, progress=False)
+    changed = {k for k, v in mtimes(root).items() if before[k] != v}
+    assert changed == {f"pairs/bytes/{d}.json" for d in ("cities", "neg_cities", "larger_than", "smaller_than",
+                                                         "sp_en_trans", "neg_sp_en_trans", "tulu_extracted")} | {
+        "manifest.json"}
+
+
+def test_a_new_code_version_rebuilds_everything(tmp_path, monkeypatch, mirror):
+    monkeypatch.setenv("PTR_DATA_DIR", str(tmp_path))
+    build_all(mirror=mirror, progress=False)
+    before = mtimes(tmp_path / "processed")
+    monkeypatch.setattr(build, "code_version", lambda: "another version")
+    build_all(mirror=mirror, progress=False)
+    after = mtimes(tmp_path / "processed")
+    assert all(after[k] != v for k, v in before.items())
+
+
+def test_byte_tokenizer_roles_cover_every_statement_byte(tmp_path, monkeypatch, mirror):
+    monkeypatch.setenv("PTR_DATA_DIR", str(tmp_path))
+    build_all(mirror=mirror, tokenizers={"bytes": byte_encode}, progress=False)
+    for pair in read_pairs("bytes", "sp_en_trans"):
+        assert len(pair.roles) == len(byte_encode(pair.true)) == len(byte_encode(pair.false))
+        assert pair.roles[:4] == ["The#1", "The#2", "The#3", "Spanish#1"]
+
+
+def test_bad_raw_file_stops_the_build_with_its_name(tmp_path, monkeypatch, mirror):
+    monkeypatch.setenv("PTR_DATA_DIR", str(tmp_path))
+    cached = tmp_path / "raw" / "truth" / "facts.csv"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("statement,label\nx,1\n")
+    with pytest.raises(DataError, match="facts.csv.*delete the cached file"):
+        build_all(mirror=mirror, progress=False)
