@@ -32,12 +32,12 @@ class CubeStore:
 
     def __init__(self, path: str | Path, provenance: dict[str, Any] | None = None):
         self.path = Path(path)
+        if provenance is None and (self.path / UNITS_GROUP / "zarr.json").exists():
+            return  # an existing store opened for reading: write nothing (results may be read-only)
         root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
-        if provenance:
-            merged = dict(root.attrs)
-            merged.update(provenance)
-            root.attrs.put(merged)
         root.require_group(UNITS_GROUP)
+        if provenance:
+            self.update_attrs(**provenance)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -74,6 +74,10 @@ class CubeStore:
         dataset.to_zarr(str(self.path), group=group, mode="w", zarr_format=3, consolidated=False)
         unit = zarr.open_group(str(self.path), mode="a", path=group)
         unit.attrs.put({**dict(unit.attrs), COMPLETE_ATTR: True})
+
+    def unit_attrs(self, name: str) -> dict[str, Any]:
+        """A finished unit's attrs (its own metadata and start/finish times) without loading its arrays."""
+        return {k: v for k, v in self._units()[name].attrs.items() if k != COMPLETE_ATTR}
 
     def read_unit(self, name: str) -> xr.Dataset:
         if not self.has_unit(name):

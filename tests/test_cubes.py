@@ -67,3 +67,15 @@ def test_provenance_pieces():
     assert commit == "unknown" or len(commit.split("+")[0]) == 40
     versions = package_versions(["xarray", "no-such-package-xyz"])
     assert versions["xarray"] == xr.__version__ and versions["no-such-package-xyz"] == "not installed"
+
+
+def test_reading_an_existing_store_writes_nothing(tmp_path):
+    path = tmp_path / "c.zarr"
+    store = CubeStore(path, provenance={"seed": 1})
+    store.write_unit("a", unit_dataset(0))
+    snapshot = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.rglob("*") if p.is_file()}
+    reader = open_cube(path)
+    assert reader.unit_names() == ["a"] and reader.attrs["seed"] == 1
+    assert reader.unit_attrs("a")["finished_at"] >= reader.unit_attrs("a")["started_at"]
+    reader.read_units()
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.rglob("*") if p.is_file()} == snapshot

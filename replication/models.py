@@ -1,0 +1,193 @@
+"""Loading models and tokenizers from model-table specs, and the model-family-independent ways to use them.
+
+`load_model` is the single way to get a model: it returns an `nnsight.TransformersModel` around the Hugging Face
+model, whatever the source (hub id or local directory, GGUF package, post-trained model in the cache, tiny random
+model built in code). Facts other code relies on (transformers 5.24, nnsight 0.8.1):
+
+* A decoder layer returns a plain tensor: read and write `layer.output`, never `layer.output[0]` (that would be
+  batch element 0, silently).
+* "Layer l" is the output of decoder layer l = HF `hidden_states[l + 1]` for every layer but the last: HF's last
+  `hidden_states` entry is after the final norm (`final_norm(layer.output)` of the last layer).
+* nnsight pads on the left and, for a left-padded batch, passes position ids counted from each row's first real
+  token, so a padded prompt gets the same states as the prompt alone. A plain HF forward of the same batch
+  without `position_ids` counts the pad positions and differs: reference implementations must pass the same ids
+  (`position_ids_for(attention_mask)`).
+* Parameters are loaded with `requires_grad=False` (analysis only; no autograd graphs are kept). Code that trains
+  a loaded model turns it back on.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from nnsight import TransformersModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from replication import tiny
+from replication.config import CHAT, ModelSpec, load_model_table
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The weights of a model cannot be had here; the message says how to get them."""
+
+
+def load_model(spec: ModelSpec, *, dtype: str = "float32", device: str = "cpu") -> TransformersModel:
+    """The model of `spec` wrapped for nnsight 0.8 (eval mode, no grad); `model.tokenizer` pads on the left."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)} (profile key 'dtype')")
+    device = resolve_device(device)
+    if spec.source == "tiny":
+        tokenizer = tiny.build_tokenizer()
+        model = tiny.build_model(spec.arch, spec.seed, tokenizer).to(device=device, dtype=DTYPES[dtype])
+    else:
+        location, revision = _weights_location(spec)
+        tokenizer = _from_pretrained(AutoTokenizer, spec, location, revision)
+        model = _from_pretrained(AutoModelForCausalLM, spec, location, revision,
+                                 dtype=DTYPES[dtype], device_map=device)
+    model.eval().requires_grad_(False)
+    _prepare_tokenizer(spec, tokenizer)
+    return TransformersModel(model, tokenizer=tokenizer, task="text-generation")
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer of `spec` alone (no weights), padding on the left; for building data."""
+    if spec.source == "tiny":
+        tokenizer = tiny.build_tokenizer()
+    elif spec.source == "posttrain":  # post-training keeps the tokenizer (config checks the tokenizer_key)
+        return load_tokenizer(load_model_table()[spec.base])
+    else:
+        location, revision = _weights_location(spec)
+        tokenizer = _from_pretrained(AutoTokenizer, spec, location, revision)
+    _prepare_tokenizer(spec, tokenizer)
+    return tokenizer
+
+
+def pair_tokenizers(profile) -> dict[str, Callable[[str], list[int]]]:
+    """`{tokenizer_key: encode}` (no BOS) for every tokenizer family of the profile, for building patching pairs.
+
+    The model's own tokenizer is used; where it cannot be had here (gated hub models offline), data_prep's exact
+    stand-in for that vocabulary is used instead (Llama-3 BPE via quicktok, Mistral v3 SentencePiece), with a
+    warning naming the substitution.
+    """
+    from data_prep.tokenizers import STANDIN_TOKENIZERS, standin_encoder
+
+    encoders = {}
+    for key in profile.models():
+        spec = profile.model_spec(key)
+        if spec.tokenizer_key in encoders:
+            continue
+        try:
+            tokenizer = load_tokenizer(spec)
+            encoders[spec.tokenizer_key] = lambda text, t=tokenizer: t.encode(text, add_special_tokens=False)
+        except ModelNotAvailableError:
+            if spec.tokenizer_key not in STANDIN_TOKENIZERS:
+                raise
+            warnings.warn(f"{spec.hf_id}'s tokenizer is not available here; building {spec.tokenizer_key} pairs "
+                          "with data_prep's stand-in for the same vocabulary")
+            encoders[spec.tokenizer_key] = standin_encoder(spec.tokenizer_key)
+    return encoders
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when available, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; allowed: auto, cpu, cuda (profile key 'device')")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    return device
+
+
+def module_at(root, path: str):
+    """The submodule (or nnsight envoy) at a dotted attribute path, e.g. spec.layers_path or spec.unembed_path."""
+    for name in path.split("."):
+        root = getattr(root, name)
+    return root
+
+
+def decoder_layers(model, spec: ModelSpec) -> list:
+    """The decoder layers of a loaded model (nnsight envoys for a TransformersModel), in order."""
+    return list(module_at(model, spec.layers_path))
+
+
+def format_prompt(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, instruction: str,
+                  template: str | None = None) -> str:
+    """`instruction` in the model's prompt template (or in `template`, e.g. settings.refusal_extract_template).
+
+    The text is meant to be tokenised with the tokenizer's special tokens (BOS) added, so a chat template's
+    leading BOS is dropped here: the prompt then starts with exactly one BOS.
+    """
+    template = template or spec.template
+    if template != CHAT:
+        return template.replace("{instruction}", instruction)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                         add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    return text[len(bos):] if spec.adds_bos and bos and text.startswith(bos) else text
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counting from each left-padded row's first real token (what nnsight passes for such a batch)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _weights_location(spec: ModelSpec) -> tuple[str, str | None]:
+    """(hub id or local directory, revision) holding the model's files; builds GGUF / post-trained dirs on demand."""
+    if spec.source == "hub":
+        local = Path(spec.hf_id).expanduser()
+        return (str(local), None) if local.is_dir() else (spec.hf_id, spec.revision)
+    if spec.source == "gguf":
+        from replication.gguf import base_model_dir
+
+        return str(base_model_dir(spec)), None
+    if spec.source == "posttrain":
+        from replication.posttrain import ensure_posttrained
+
+        return str(ensure_posttrained(spec)), None
+    raise ValueError(f"model {spec.key!r}: source {spec.source!r} has no weight files")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _from_pretrained(auto_class, spec: ModelSpec, location: str, revision: str | None, **kwargs):
+    if revision is None:  # a local directory
+        return auto_class.from_pretrained(location, **kwargs)
+    try:
+        return auto_class.from_pretrained(location, revision=revision, local_files_only=_offline(), **kwargs)
+    except OSError as error:
+        raise ModelNotAvailableError(_fetch_hint(spec, error)) from error
+
+
+def _fetch_hint(spec: ModelSpec, error: OSError) -> str:
+    from huggingface_hub import constants
+
+    state = ("offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)" if _offline()
+             else "the hub did not provide it (no network, or a gated model without access)")
+    gated = (" Meta's Llama models are gated: set HF_TOKEN to a token of an account that accepted the licence on "
+             f"https://huggingface.co/{spec.hf_id}.") if spec.hf_id.startswith("meta-llama/") else ""
+    return (f"model {spec.key!r} ({spec.hf_id} at revision {spec.revision}) could not be loaded: it is not in "
+            f"the Hugging Face cache {constants.HF_HUB_CACHE} and {state}. Fetch it on a machine with access: "
+            f"`hf download {spec.hf_id} --revision {spec.revision}`, then copy the cache here (HF_HOME), or "
+            f"download it to a directory (`--local-dir DIR`) and set its hf_id in replication/configs/models.yaml "
+            f"to that directory.{gated} Underlying error: {error}")
+
+
+def _prepare_tokenizer(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Left padding (pad = EOS where there is no pad token, as nnsight does) and a check of the table's BOS fact."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    ids = tokenizer("a").input_ids
+    adds_bos = tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+    if adds_bos != spec.adds_bos:
+        raise ValueError(f"model {spec.key!r}: replication/configs/models.yaml says adds_bos: {spec.adds_bos}, but "
+                         f"its tokenizer {'does' if adds_bos else 'does not'} prepend BOS; correct adds_bos there")
