@@ -1,0 +1,210 @@
+"""Building blocks for the cells of report/index.qmd: profile, cube status, tables, provenance, charts.
+
+The document's kernel runs in report/, so cells `import blocks`. Torch-free: reads cubes through
+replication.cubes and numbers through analysis.
+
+Display conventions (Quarto and the fallback renderer choose the same way, see report/render.py):
+tables are shown as `Table(frame)` (markdown only, so both make a native table with its caption); altair
+charts carry interactive HTML (vega-embed, JavaScript bundled offline) for HTML and SVG for PDF.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import vl_convert as vlc
+import zarr
+from IPython.display import Markdown
+
+from analysis import audit
+from analysis.figures import markdown_table
+from replication.cubes import UNITS_GROUP, open_cube
+from replication.paths import REPO_ROOT, results_dir
+
+DEFAULT_PROFILE = "demo"
+
+
+def profile() -> str:
+    """The profile being reported: env var PTR_PROFILE (set by the renderers), default demo."""
+    return os.environ.get("PTR_PROFILE", DEFAULT_PROFILE)
+
+
+class Table:
+    """A DataFrame displayed as a pipe table (text/markdown)."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self.frame = frame
+
+    def _repr_markdown_(self) -> str:
+        return markdown_table(self.frame)
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def cube_path(experiment: str, profile_name: str) -> Path:
+    return results_dir(profile_name) / f"{experiment}.zarr"
+
+
+def has_cube(experiment: str, profile_name: str) -> bool:
+    return (cube_path(experiment, profile_name) / "zarr.json").exists()
+
+
+def cube_status(experiment: str, profile_name: str) -> Markdown:
+    """One line: which cube the section reads, and whether it exists."""
+    path = cube_path(experiment, profile_name)
+    if not has_cube(experiment, profile_name):
+        return Markdown(f"Reads the cube `{_shown(path)}`. *Not yet computed for this profile* "
+                        f"(run `ptr run {experiment} --profile {profile_name}`).")
+    units = open_cube(path).unit_names()
+    return Markdown(f"Reads the cube `{_shown(path)}`: {len(units)} finished unit(s).")
+
+
+def status_summary(profile_name: str, audit_table: pd.DataFrame) -> Markdown:
+    computed = [e for e in audit.EXPERIMENTS if has_cube(e, profile_name)]
+    counts = ", ".join(f"{n} {status}" for status, n in audit.summary(audit_table).items())
+    return Markdown(
+        f"This report covers profile **{profile_name}** (results in `{_shown(results_dir(profile_name))}`). "
+        f"Experiments computed: {len(computed)} of {len(audit.EXPERIMENTS)}"
+        f"{' (' + ', '.join(computed) + ')' if computed else ''}. Audit checks: {counts}.")
+
+
+# --- audit -------------------------------------------------------------------------------------------------
+
+def audit_table(profile_name: str) -> pd.DataFrame:
+    return audit.audit(profile_name, audit.collect_measured(profile_name))
+
+
+def audit_note(profile_name: str, table: pd.DataFrame) -> Markdown:
+    published = audit.load_published()
+    text = (f"{audit.note(profile_name)} Published numbers: version {published.version} of "
+            f"`analysis/published_numbers.yaml` ({published.source['citation']})")
+    unmeasured = audit.unmeasured_keys(table)
+    if unmeasured:
+        text += (f" {len(unmeasured)} published numbers are not measured yet; `ptr audit --profile "
+                 f"{profile_name}` lists them in `audit.md`.")
+    return Markdown(text)
+
+
+def audit_rows(table: pd.DataFrame) -> Table:
+    return Table(audit.display_frame(audit.measured_rows(table)))
+
+
+# --- provenance --------------------------------------------------------------------------------------------
+
+def cube_attrs(profile_name: str) -> dict[str, dict]:
+    """Root attrs (provenance) of every cube of the profile, by cube name."""
+    directory = results_dir(profile_name)
+    paths = sorted(directory.glob("*.zarr")) if directory.exists() else []
+    return {path.stem: open_cube(path).attrs for path in paths}
+
+
+def unit_times(profile_name: str) -> pd.DataFrame:
+    """Start, finish and compute time (seconds) of every finished unit of every cube."""
+    rows = []
+    for cube in cube_attrs(profile_name):
+        path = cube_path(cube, profile_name)
+        for unit in open_cube(path).unit_names():
+            attrs = zarr.open_group(str(path), mode="r", path=f"{UNITS_GROUP}/{unit}").attrs
+            start, end = (dt.datetime.fromisoformat(attrs[k]) for k in ("started_at", "finished_at"))
+            rows.append({"cube": cube, "unit": unit, "started": start, "finished": end,
+                         "seconds": (end - start).total_seconds()})
+    return pd.DataFrame(rows, columns=["cube", "unit", "started", "finished", "seconds"])
+
+
+def _short(value, n: int = 12) -> str:
+    text = str(value)
+    return text if len(text) <= n else text[:n] + ("+dirty" if text.endswith("+dirty") else "")
+
+
+def runs_table(attrs: dict[str, dict], times: pd.DataFrame) -> Table | None:
+    """Settings of each cube's run (one column per cube); None without cubes (so is every provenance table)."""
+    if not attrs:
+        return None
+    columns = {}
+    for cube, a in attrs.items():
+        t = times[times["cube"] == cube]
+        columns[cube] = {
+            "git commit": _short(a.get("git_commit", "—")), "config hash": _short(a.get("config_hash", "—")),
+            "dtype": a.get("dtype", "—"), "device": a.get("device", "—"), "seed": str(a.get("seed", "—")),
+            "host": a.get("host", "—"), "started": _time(a.get("started_at")),
+            "last unit finished": _time(t["finished"].max() if len(t) else None),
+            "finished units": str(len(t)), "compute time (s)": f"{t['seconds'].sum():.0f}",
+        }
+    return Table(pd.DataFrame(columns).rename_axis("").reset_index())
+
+
+def _time(value) -> str:
+    if value is None:
+        return "—"
+    moment = value if isinstance(value, dt.datetime) else dt.datetime.fromisoformat(value)
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def models_table(attrs: dict[str, dict]) -> Table | None:
+    if not attrs:
+        return None
+    rows = {}
+    for cube, a in attrs.items():
+        for key, model in a.get("models", {}).items():
+            row = rows.setdefault(key, {"model": key, "Hugging Face id": model.get("hf_id", "—"),
+                                        "revision": model.get("revision", "—"), "cubes": []})
+            row["cubes"].append(cube)
+    frame = pd.DataFrame(list(rows.values()), columns=["model", "Hugging Face id", "revision", "cubes"])
+    frame["cubes"] = frame["cubes"].map(", ".join)
+    return Table(frame)
+
+
+def data_table(attrs: dict[str, dict]) -> Table | None:
+    if not attrs:
+        return None
+    frame = pd.DataFrame([{"cube": cube, "processed-data manifest sha256": a.get("data", {}).get("sha256") or "—"}
+                          for cube, a in attrs.items()], columns=["cube", "processed-data manifest sha256"])
+    return Table(frame)
+
+
+def packages_table(attrs: dict[str, dict]) -> Table | None:
+    """Package versions, one column per cube, or a single column where all cubes agree."""
+    if not attrs:
+        return None
+    frame = pd.DataFrame({cube: a.get("packages", {}) for cube, a in attrs.items()}).fillna("—")
+    if frame.shape[1] > 1 and (frame.nunique(axis=1) == 1).all():
+        frame = frame.iloc[:, :1].set_axis(["version"], axis=1)
+    return Table(frame.rename_axis("package").reset_index())
+
+
+def run_time_chart(times: pd.DataFrame) -> alt.Chart | None:
+    if times.empty:
+        return None
+    return alt.Chart(times[["cube", "unit", "seconds"]]).mark_bar().encode(
+        x=alt.X("seconds:Q", title="compute time (s)"),
+        y=alt.Y("unit:N", sort=None, title=None),
+        color=alt.Color("cube:N", title="cube"),
+        tooltip=["cube", "unit", alt.Tooltip("seconds:Q", format=".1f")],
+    ).properties(width=380)
+
+
+# --- altair display ----------------------------------------------------------------------------------------
+
+_charts_shown = 0
+
+
+def _vega_mimebundle(spec: dict, **_) -> dict[str, str]:
+    """HTML: vega-embed (its JavaScript bundled once, before the first chart; no network); PDF: SVG."""
+    global _charts_shown
+    _charts_shown += 1
+    target = f"vega-chart-{_charts_shown}"
+    spec_json = json.dumps(spec).replace("</", "<\\/")
+    html = f'<div id="{target}"></div>\n<script>vegaEmbed("#{target}", {spec_json}, {{"actions": false}});</script>'
+    if _charts_shown == 1:
+        html = f"<script>{vlc.javascript_bundle()}</script>\n{html}"
+    return {"text/html": html, "image/svg+xml": vlc.vegalite_to_svg(spec)}
+
+
+alt.renderers.register("ptr-report", _vega_mimebundle)
+alt.renderers.enable("ptr-report")
