@@ -82,12 +82,13 @@ def analyze(profile: str) -> None:
 @main.command()
 @PROFILE_OPTION
 @click.option("--to", "formats", default="html,pdf", show_default=True, help="Comma-separated output formats.")
-def report(profile: str, formats: str) -> None:
-    """Render the report (HTML and PDF) from the profile's cubes: with Quarto when it is installed, otherwise
-    with the built-in fallback renderer (nbclient + pandoc + typst)."""
-    from report.render import render_report
+@click.option("--engine", type=click.Choice(["auto", "quarto", "fallback"]), default="auto", show_default=True,
+              help="auto = Quarto when it is on PATH, else the built-in fallback renderer (nbclient+pandoc+typst).")
+def report(profile: str, formats: str, engine: str) -> None:
+    """Render the report (HTML and PDF) from the profile's cubes to report/_output/<profile>/."""
+    from report.render import render_auto
 
-    for fmt, path in render_report(profile, tuple(formats.split(","))).items():
+    for fmt, path in render_auto(profile, tuple(f.strip() for f in formats.split(",")), engine=engine).items():
         click.echo(f"{fmt}: {path}")
 
 
@@ -116,7 +117,7 @@ def replicate(ctx: click.Context, profile: str) -> None:
     if load_profile(profile).posttrained_models():
         steps.append(("posttrain", posttrain, {}))
     steps += [(f"run {name}", run, {"experiment": name}) for name in EXPERIMENTS]
-    steps += [("report", report, {"formats": "html,pdf"}), ("audit", audit, {"strict": False})]
+    steps += [("report", report, {"formats": "html,pdf", "engine": "auto"}), ("audit", audit, {"strict": False})]
     timings = []
     for title, command, kwargs in steps:
         click.secho(f"==> {title}", bold=True)

@@ -255,6 +255,12 @@ def render_with_quarto(profile: str, formats=FORMATS, out_dir: Path | None = Non
     return {fmt: out_dir / f"report.{fmt}" for fmt in formats}
 
 
+def render_auto(profile: str, formats=FORMATS, out_dir: Path | None = None, engine: str = "auto") -> dict[str, Path]:
+    """Quarto when asked for or (engine "auto") when it is on PATH, else the fallback renderer."""
+    use_quarto = engine == "quarto" or (engine == "auto" and shutil.which("quarto"))
+    return (render_with_quarto if use_quarto else render)(profile, formats, out_dir)
+
+
 @click.command()
 @click.option("--profile", default="demo", show_default=True, help="Profile whose results to report.")
 @click.option("--to", "formats", default="html,pdf", show_default=True, help="Comma-separated: html, pdf.")
@@ -263,9 +269,8 @@ def render_with_quarto(profile: str, formats=FORMATS, out_dir: Path | None = Non
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (default: "
               "report/_output/<profile>).")
 def main(profile: str, formats: str, engine: str, out_dir: Path | None) -> None:
-    use_quarto = engine == "quarto" or (engine == "auto" and shutil.which("quarto"))
-    renderer = render_with_quarto if use_quarto else render
-    for path in renderer(profile, tuple(f.strip() for f in formats.split(",")), out_dir).values():
+    formats = tuple(f.strip() for f in formats.split(","))
+    for path in render_auto(profile, formats, out_dir, engine).values():
         click.echo(path)
 
 
