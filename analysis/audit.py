@@ -51,6 +51,7 @@ import pandas as pd
 import yaml
 
 from analysis.figures import markdown_table
+from replication.cubes import open_cube
 from replication.paths import results_dir
 
 PUBLISHED_FILE = Path(__file__).with_name("published_numbers.yaml")
@@ -212,10 +213,12 @@ def summary(table: pd.DataFrame) -> dict[str, int]:
 
 
 def collect_measured(profile_name: str) -> dict[str, float]:
-    """Measured numbers from every experiment module whose module and cube exist."""
+    """Measured numbers from every experiment module whose module and finished cube exist (a run still in
+    progress, or interrupted, has no `finished_at` in its root attrs and contributes nothing yet)."""
     measured: dict[str, float] = {}
     for experiment in EXPERIMENTS:
-        if not (results_dir(profile_name) / f"{experiment}.zarr" / "zarr.json").exists():
+        cube = results_dir(profile_name) / f"{experiment}.zarr"
+        if not (cube / "zarr.json").exists() or not open_cube(cube).attrs.get("finished_at"):
             continue
         name = f"analysis.{experiment}"
         try:

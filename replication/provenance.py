@@ -64,6 +64,7 @@ def provenance(profile, model_specs: Iterable, *, dtype: str, device: str, seed:
         "device": device,
         "seed": seed,
         "started_at": now(),
+        "finished_at": None,  # set by the experiment when every unit is done; a rerun clears it until then
         "host": platform.node(),
     }
 

@@ -6,6 +6,8 @@ import types
 
 import pandas as pd
 import pytest
+
+from replication.cubes import CubeStore
 import yaml
 
 from analysis import audit
@@ -160,16 +162,16 @@ def fake_experiment(monkeypatch, name, numbers=None, cube_dir=None):
         module.measured_numbers = lambda profile_name: numbers
     monkeypatch.setitem(sys.modules, f"analysis.{name}", module)
     if cube_dir is not None:
-        (cube_dir / f"{name}.zarr").mkdir(parents=True)
-        (cube_dir / f"{name}.zarr" / "zarr.json").write_text("{}")
+        CubeStore(cube_dir / f"{name}.zarr", provenance={"finished_at": "2026-01-01T00:00:00+00:00"})
 
 
 def test_collect_measured_uses_modules_whose_cube_exists(results, monkeypatch):
     fake_experiment(monkeypatch, "knowledge", {"qualitative.knowledge.min_map_corr": 0.97}, results / "demo")
     fake_experiment(monkeypatch, "refusal", {"qualitative.refusal.max_direction_cosine": 0.2})  # no cube
     monkeypatch.setitem(sys.modules, "analysis.truthfulness", None)  # module missing
-    (results / "demo" / "truthfulness.zarr").mkdir()
-    (results / "demo" / "truthfulness.zarr" / "zarr.json").write_text("{}")
+    CubeStore(results / "demo" / "truthfulness.zarr", provenance={"finished_at": "2026-01-01T00:00:00+00:00"})
+    fake_experiment(monkeypatch, "confidence", {"qualitative.confidence.min_entropy_neuron_overlap": 9})
+    CubeStore(results / "demo" / "confidence.zarr", provenance={"finished_at": None})  # a run in progress
     assert audit.collect_measured("demo") == {"qualitative.knowledge.min_map_corr": 0.97}
 
 
