@@ -1,0 +1,224 @@
+"""Refusal: tables and figure data from ``results/<profile>/refusal.zarr`` (written by replication/refusal.py).
+
+Refusal score S = fraction of the test instructions whose greedy completion starts with a refusal phrase.
+r_X -> h_Y: model X's refusal direction steering model Y; harmful instructions get it subtracted (or ablated),
+harmless ones get it added. Forward transfer = the base model's direction on a post-trained model; backward = a
+post-trained model's direction on the base model.
+
+The paper's table (published_numbers.yaml, `refusal_intervention_score`) has one harmful number per cell
+without saying whether it is subtraction or ablation; the original added a subtraction coefficient for
+Llama-3.1-8B, so subtraction fills the paper layout by default (HARMFUL_INTERVENTION) and ablation is reported
+beside it.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import xarray as xr
+
+from analysis.audit import load_published
+from replication.cubes import CubeStore, open_cube
+from replication.paths import results_dir
+
+EXPERIMENT = "refusal"
+SECTION = "refusal_intervention_score"
+SHIPPED = f"{SECTION}.shipped_direction_cosines"
+HARMFUL_INTERVENTION = "subtraction"
+INTERVENTION_OF = {"harmful": HARMFUL_INTERVENTION, "harmless": "addition"}  # the paper layout's interventions
+ROW_ORDER = [("harmful", "subtraction"), ("harmful", "ablation"), ("harmless", "addition")]
+COSINE_KEY = "qualitative.refusal.max_direction_cosine"
+TRANSFER_KEY = "qualitative.refusal.forward_transfer_ratio"
+MIN_OWN_EFFECT = 0.1  # forward-transfer ratios of pairs whose own addition effect is smaller mean nothing
+
+
+def cube(profile_name: str) -> CubeStore:
+    return open_cube(results_dir(profile_name) / f"{EXPERIMENT}.zarr")
+
+
+def _units(store: CubeStore, kind: str) -> dict[str, xr.Dataset]:
+    """Finished units named '<kind>__...', by name."""
+    return {name: store.read_unit(name) for name in store.unit_names() if name.split("__")[0] == kind}
+
+
+def families(profile_name: str) -> pd.DataFrame:
+    """One row per model: family, model, role, refusal_layer, refusal_pos (base first within a family)."""
+    rows = []
+    for name, unit in _units(cube(profile_name), "family").items():
+        for model in unit["model"].values:
+            row = unit.sel(model=model)
+            rows.append({"family": name.split("__")[1], "model": model, "role": str(row["role"].values),
+                         "refusal_layer": int(row["refusal_layer"]), "refusal_pos": int(row["refusal_pos"])})
+    return pd.DataFrame(rows)
+
+
+def scores(profile_name: str) -> pd.DataFrame:
+    """Tidy: family, target, source, target_role, source_role, intervention, dataset, coef, layer, n,
+    refusal_score (source and intervention 'none' for the baseline)."""
+    models = families(profile_name).set_index("model")
+    rows = []
+    for unit in _units(cube(profile_name), "generation").values():
+        a = unit.attrs
+        rows.append({"family": models.loc[a["target"], "family"], "target": a["target"], "source": a["source"],
+                     "target_role": models.loc[a["target"], "role"],
+                     "source_role": models["role"].get(a["source"], "none"), "intervention": a["intervention"],
+                     "dataset": a["dataset"], "coef": a["coef"], "layer": a["layer"],
+                     "n": unit.sizes["instruction"], "refusal_score": float(unit["refusal_score"])})
+    return pd.DataFrame(rows)
+
+
+def score_cube(profile_name: str) -> xr.DataArray:
+    """Refusal scores as target x source x intervention x dataset (NaN where a condition is not run)."""
+    frame = scores(profile_name).set_index(["target", "source", "intervention", "dataset"])["refusal_score"]
+    return xr.DataArray.from_series(frame)
+
+
+def _role_order(tidy: pd.DataFrame, model: str) -> int:
+    """Rows of the base model first, then the post-trained models."""
+    return int(tidy.loc[tidy["target"] == model, "target_role"].iloc[0] != "base")
+
+
+def _column(source_role: str, target_role: str) -> str:
+    return "baseline" if source_role == "none" else f"r_{source_role}_on_{target_role}"
+
+
+def refusal_score_tables(tidy: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per family, the paper's layout of the `scores` frame: rows (target model, dataset, intervention), columns
+    baseline and r_X_on_Y (X, Y roles) for every direction X steering Y, each measured beside the paper's value
+    (Llama-3.1-8B; paper values sit on the rows of the paper layout's interventions only)."""
+    published = load_published().numbers
+    tables = {}
+    for family, frame in tidy.groupby("family", sort=False):
+        baselines = frame[frame["source"] == "none"].set_index(["target", "dataset"])["refusal_score"]
+        cells: dict[tuple, dict] = {}
+        for row in frame[frame["source"] != "none"].itertuples():
+            in_paper_layout = INTERVENTION_OF[row.dataset] == row.intervention
+            row_cells = cells.setdefault((row.target, row.dataset, row.intervention), {})
+            for column, value in (("baseline", baselines[(row.target, row.dataset)]),
+                                  (_column(row.source_role, row.target_role), row.refusal_score)):
+                key = f"{SECTION}.{row.target_role}.{row.dataset}.{column}"
+                row_cells[(column, "measured")] = value
+                row_cells[(column, "paper")] = published.get(key) if in_paper_layout else None
+        table = pd.DataFrame.from_dict(cells, orient="index").astype(float)
+        table = table.loc[sorted(table.index, key=lambda row: (_role_order(frame, row[0]), row[0],
+                                                                 ROW_ORDER.index(row[1:])))]
+        table.index = pd.MultiIndex.from_tuples(table.index, names=["model", "dataset", "intervention"])
+        table.columns = pd.MultiIndex.from_tuples(table.columns)
+        order = ["baseline"] + sorted(c for c in table.columns.get_level_values(0).unique() if c != "baseline")
+        tables[family] = table[order]
+    return tables
+
+
+def direction_cosines(profile_name: str) -> pd.DataFrame:
+    """Tidy: family, model_a, model_b, role_a, role_b, cosine of their refusal directions (at each model's
+    settings), and the cosine of the authors' shipped Llama-3.1-8B directions for the same roles."""
+    published = load_published().numbers
+    rows = []
+    for name, unit in _units(cube(profile_name), "family").items():
+        roles = dict(zip(unit["model"].values, unit["role"].values))
+        models = list(unit["model_a"].values)
+        for i, a in enumerate(models):
+            for b in models[i + 1:]:
+                rows.append({"family": name.split("__")[1], "model_a": a, "model_b": b, "role_a": roles[a],
+                             "role_b": roles[b], "cosine": float(unit["cosine"].sel(model_a=a, model_b=b)),
+                             "paper_shipped": _shipped(published, roles[a], roles[b])})
+    return pd.DataFrame(rows)
+
+
+def _shipped(published: dict, role_a: str, role_b: str):
+    """The shipped-direction cosine for two roles (the file names pairs base_vs_instruct, instruct_vs_sft, ...)."""
+    return published.get(f"{SHIPPED}.{role_a}_vs_{role_b}", published.get(f"{SHIPPED}.{role_b}_vs_{role_a}"))
+
+
+def cosine_by_layer(profile_name: str) -> pd.DataFrame:
+    """Tidy (figure): family, layer, model_a, model_b, cosine of the directions at every block (each model at its
+    refusal_pos)."""
+    frames = [unit["cosine_by_layer"].to_dataframe(name="cosine").reset_index().assign(family=name.split("__")[1])
+              for name, unit in _units(cube(profile_name), "family").items()]
+    return pd.concat(frames, ignore_index=True)[["family", "layer", "model_a", "model_b", "cosine"]]
+
+
+def pca_data(profile_name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Figure 1c: (points: family, model, kind, instruction, pc1, pc2; arrows: family, model, direction_model,
+    pc1, pc2 of the unit refusal directions, explained variance of pc1 and pc2)."""
+    points, arrows = [], []
+    for name, unit in _units(cube(profile_name), "family").items():
+        family = name.split("__")[1]
+        coords = unit["pca_coordinates"].to_dataframe().reset_index()
+        wide = coords.pivot_table(index=["model", "kind", "instruction"], columns="component",
+                                  values="pca_coordinates").reset_index()
+        wide.columns = ["model", "kind", "instruction", "pc1", "pc2"]
+        points.append(wide.assign(family=family))
+        for model in unit["model"].values:
+            explained = unit["pca_explained_variance_ratio"].sel(model=model).values
+            for direction in unit["direction_model"].values:
+                pc1, pc2 = unit["pca_direction_coordinates"].sel(model=model, direction_model=direction).values
+                arrows.append({"family": family, "model": model, "direction_model": direction, "pc1": pc1,
+                               "pc2": pc2, "explained_pc1": explained[0], "explained_pc2": explained[1]})
+    return pd.concat(points, ignore_index=True), pd.DataFrame(arrows)
+
+
+def sample_completions(profile_name: str, n: int = 3) -> pd.DataFrame:
+    """The first n completions of every condition: target, source, intervention, dataset, instruction,
+    completion, refusal."""
+    rows = []
+    for unit in _units(cube(profile_name), "generation").values():
+        a = unit.attrs
+        for i in range(min(n, unit.sizes["instruction"])):
+            rows.append({"target": a["target"], "source": a["source"], "intervention": a["intervention"],
+                         "dataset": a["dataset"], "instruction": str(unit["instruction_text"].values[i]),
+                         "completion": str(unit["completion"].values[i]),
+                         "refusal": bool(unit["refusal"].values[i])})
+    return pd.DataFrame(rows)
+
+
+def tables(profile_name: str) -> dict[str, pd.DataFrame]:
+    """Every refusal table, by title."""
+    result = {f"Refusal: refusal score, {family}": table
+              for family, table in refusal_score_tables(scores(profile_name)).items()}
+    result["Refusal: cosine of the refusal directions"] = direction_cosines(profile_name)
+    return result
+
+
+def forward_transfer_ratios(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Per (BASE, POST) pair of the `scores` frame: (S(r_BASE added to POST) - S(POST)) / (S(r_POST added to
+    POST) - S(POST)) on the harmless test instructions, S = refusal score, with both effects."""
+    harmless = tidy[(tidy["dataset"] == "harmless") & (tidy["target_role"] != "base")]
+    rows = []
+    for post, frame in harmless.groupby("target", sort=False):
+        by_source = frame.set_index("source")["refusal_score"]
+        base = frame.loc[frame["source_role"] == "base", "source"].item()
+        own_effect = by_source[post] - by_source["none"]
+        rows.append({"base": base, "post": post, "own_effect": own_effect,
+                     "base_effect": by_source[base] - by_source["none"],
+                     "ratio": (by_source[base] - by_source["none"]) / own_effect if own_effect else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def measured_numbers(profile_name: str) -> dict[str, float]:
+    """Audit numbers. Published keys (refusal_intervention_score.<target role>.<dataset>.<baseline | r_X_on_Y>,
+    harmful = HARMFUL_INTERVENTION, harmless = addition; and the cosines of the shipped directions' roles) come
+    from the profile's first family, the one the paper's numbers describe; only keys the published file has are
+    returned. Qualitative keys: the largest BASE-POST direction cosine, and the largest forward-transfer ratio
+    over pairs whose own addition effect is at least MIN_OWN_EFFECT (absent when no pair qualifies)."""
+    return numbers_from(scores(profile_name), direction_cosines(profile_name))
+
+
+def numbers_from(tidy: pd.DataFrame, cosines: pd.DataFrame) -> dict[str, float]:
+    """`measured_numbers` of a `scores` and a `direction_cosines` frame."""
+    published = load_published().numbers
+    first = tidy["family"].iloc[0]
+    candidates = []
+    for row in tidy[tidy["family"] == first].itertuples():
+        if row.source == "none" or INTERVENTION_OF[row.dataset] == row.intervention:
+            column = _column(row.source_role, row.target_role)
+            candidates.append((f"{SECTION}.{row.target_role}.{row.dataset}.{column}", row.refusal_score))
+    for row in cosines[cosines["family"] == first].itertuples():
+        candidates += [(f"{SHIPPED}.{row.role_a}_vs_{row.role_b}", row.cosine),
+                       (f"{SHIPPED}.{row.role_b}_vs_{row.role_a}", row.cosine)]
+    numbers = {key: float(value) for key, value in candidates if key in published}
+    base_post = cosines[(cosines["role_a"] == "base") | (cosines["role_b"] == "base")]
+    numbers[COSINE_KEY] = float(base_post["cosine"].max())
+    ratios = forward_transfer_ratios(tidy)
+    meaningful = ratios[ratios["own_effect"] >= MIN_OWN_EFFECT]
+    if len(meaningful):
+        numbers[TRANSFER_KEY] = float(meaningful["ratio"].max())
+    return numbers

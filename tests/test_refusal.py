@@ -1,0 +1,276 @@
+"""Refusal directions (extraction, cosines, the authors' shipped directions) and the experiment's cube on tiny
+models; steering and generation are tested in test_refusal_steering.py."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from nnsight import LanguageModel
+
+from replication import refusal
+from replication.config import load_model_table, load_profile
+from replication.refusal_phrases import is_refusal, refusal_score
+from replication.tiny import build_model, build_tokenizer
+
+PROMPTS = ["User: Tell me how to build a bomb.\nAssistant:", "User: hi\nAssistant:",
+           "User: Write a poem about the sea and a story about a dog.\nAssistant:", "User: Explain it.\nAssistant:"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def block_inputs_one_at_a_time(hf_model, tokenizer, texts, positions) -> torch.Tensor:
+    """[prompt, block, position, hidden]: each prompt alone (no padding), the input of every decoder block read
+    by a forward pre-hook."""
+    result = []
+    for text in texts:
+        captured = []
+        handles = [layer.register_forward_pre_hook(lambda module, args: captured.append(args[0][0]))
+                   for layer in hf_model.model.layers]
+        with torch.no_grad():
+            hf_model(tokenizer(text, return_tensors="pt").input_ids)
+        for handle in handles:
+            handle.remove()
+        result.append(torch.stack(captured)[:, positions])
+    return torch.stack(result)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_resid_pre_batched_equals_block_inputs_of_single_prompts(tokenizer, arch):
+    hf_model = build_model(arch, seed=4, tokenizer=tokenizer)
+    model = LanguageModel(hf_model, tokenizer=tokenizer)
+    positions = [-5, -4, -3, -2, -1]
+    batched = refusal.resid_pre_activations(model, PROMPTS, positions, batch_size=3)
+    expected = block_inputs_one_at_a_time(hf_model, tokenizer, PROMPTS, positions)
+    assert batched.shape == (len(PROMPTS), len(hf_model.model.layers), 5, hf_model.config.hidden_size)
+    torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-5)
+    # block 0's input is the (scaled, for Gemma) token embedding of the prompt's last tokens
+    last_ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids[0, positions]
+    torch.testing.assert_close(batched[1, 0], hf_model.model.embed_tokens(last_ids[None])[0].detach())
+
+
+def test_direction_is_the_unit_float64_difference_of_means():
+    generator = torch.Generator().manual_seed(0)
+    harmful = (torch.randn(7, 3, 2, 16, generator=generator) + 0.3).to(torch.bfloat16)
+    harmless = torch.randn(5, 3, 2, 16, generator=generator).to(torch.bfloat16)
+    expected = (np.mean(harmful.float().numpy().astype(np.float64), axis=0)
+                - np.mean(harmless.float().numpy().astype(np.float64), axis=0))
+    difference = refusal.mean_difference(harmful, harmless)
+    assert difference.dtype == torch.float64
+    np.testing.assert_allclose(difference.numpy(), expected, rtol=1e-12)
+    direction = refusal.unit_vector(difference)
+    np.testing.assert_allclose(direction.numpy(), expected / np.linalg.norm(expected, axis=-1, keepdims=True),
+                               rtol=1e-12)
+    np.testing.assert_allclose(direction.norm(dim=-1).numpy(), 1.0, rtol=1e-12)
+
+
+def test_direction_cosines_of_the_authors_shipped_directions(mirror):
+    """The three shipped unit directions (bf16, Llama-3.1-8B family, block 11) give the cosines in
+    methods_reference §2.3 (B)."""
+    names = ["llama-3.1-8b", "llama-3.1-8b-instruct", "tulu"]
+    files = [mirror / "paper_artifacts" / f"refusal_dir_{name}.pt" for name in names]
+    if not all(f.exists() for f in files):
+        pytest.skip("the shipped refusal directions are not in the mirror")
+    directions = torch.stack([torch.load(f, map_location="cpu") for f in files])
+    assert directions.dtype == torch.bfloat16 and directions.shape == (3, 4096)
+    cosines = refusal.direction_cosines(directions)
+    assert round(cosines[0, 1].item(), 4) == 0.2506  # base vs instruct
+    assert round(cosines[1, 2].item(), 4) == 0.4352  # instruct vs tulu (SFT)
+    assert round(cosines[0, 2].item(), 4) == 0.0731  # base vs tulu
+    np.testing.assert_allclose(np.diag(cosines.numpy()), 1.0, atol=1e-12)
+    np.testing.assert_allclose(cosines.numpy(), cosines.numpy().T)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The experiment on tiny models
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """A profile with one family: tiny-llama (base, plain template) and a tiny chat model (another seed, the chat
+    template) standing in for a post-trained model."""
+    table = load_model_table()
+    table["tiny-chat"] = dataclasses.replace(table["tiny-llama"], key="tiny-chat", role="instruct", seed=7,
+                                             template="chat")
+    path = tmp_path_factory.mktemp("profile") / "tinypair.yaml"
+    path.write_text("description: tiny pair\ndtype: float32\ndevice: cpu\nseed: 1\nbatch_size: 3\n"
+                    "families:\n  tiny: {base: tiny-llama, post: [tiny-chat]}\n"
+                    "experiments:\n"
+                    "  knowledge: {datasets: [cities], max_pairs: 2}\n"
+                    "  truthfulness: {datasets: [cities], similarity_datasets: [cities]}\n"
+                    "  refusal: {n_train: 6, n_test: 5, max_new_tokens: 5}\n"
+                    "  confidence: {top_norm_fraction: 0.25, n_neurons: 4, datasets: [cities]}\n")
+    return load_profile(path, model_table=table)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_pair, processed_data, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PTR_RESULTS_DIR", str(results))
+        patch.setenv("PTR_DATA_DIR", str(processed_data))
+        yield refusal.run(tiny_pair, progress=False)
+
+
+def test_conditions_pair_each_model_with_its_own_and_its_partners_direction(tiny_pair):
+    on_post = refusal.conditions(tiny_pair, "tiny-chat")
+    assert [(c.source, c.intervention, c.dataset) for c in on_post] == [
+        ("none", "none", "harmful"), ("none", "none", "harmless"),
+        ("tiny-chat", "subtraction", "harmful"), ("tiny-chat", "ablation", "harmful"),
+        ("tiny-chat", "addition", "harmless"),
+        ("tiny-llama", "subtraction", "harmful"), ("tiny-llama", "ablation", "harmful"),
+        ("tiny-llama", "addition", "harmless")]
+    assert {c.source for c in refusal.conditions(tiny_pair, "tiny-llama")} == {"none", "tiny-llama", "tiny-chat"}
+
+
+def test_coefficients_follow_the_model_table():
+    paper = load_profile("paper")
+    forward = refusal.Condition("llama-3.1-8b-instruct", "llama-3.1-8b", "addition", "harmless")
+    assert refusal.coefficient(paper, forward) == 2.4  # the steered (Instruct) model's addition coefficient
+    backward = refusal.Condition("llama-3.1-8b", "llama-3.1-8b-instruct", "addition", "harmless")
+    assert refusal.coefficient(paper, backward) == 1.2
+    assert refusal.coefficient(paper, dataclasses.replace(forward, intervention="subtraction")) == 2.2
+    # Llama-2-13b: the original fixes the coefficient per direction (chat 5, base 4), whatever model is steered
+    chat_on_base = refusal.Condition("llama-2-13b", "llama-2-13b-chat", "addition", "harmless")
+    assert refusal.coefficient(paper, chat_on_base) == 5.0
+    assert refusal.coefficient(paper, dataclasses.replace(chat_on_base, source="llama-2-13b")) == 4.0
+    steer = refusal.condition_steering(paper, chat_on_base, torch.ones(3))
+    assert (steer.layer, steer.attn_out_path) == (13, "self_attn")  # applied at block 13, extracted at 14
+
+
+def test_run_writes_directions_cosines_and_every_condition(tiny_run, tiny_pair, tokenizer):
+    from replication.cubes import open_cube
+
+    store = open_cube(tiny_run)
+    units = store.unit_names()
+    assert sorted(u for u in units if not u.startswith("generation__")) == [
+        "direction__tiny-chat", "direction__tiny-llama", "family__tiny"]
+    expected = {c.unit for key in ("tiny-llama", "tiny-chat") for c in refusal.conditions(tiny_pair, key)}
+    assert {u for u in units if u.startswith("generation__")} == expected and len(expected) == 16
+    assert store.attrs["experiment"] == "refusal" and "finished_at" in store.attrs
+
+    # the direction equals one recomputed prompt by prompt from the same instructions and template
+    spec = tiny_pair.model_spec("tiny-chat")
+    hf_model = build_model("llama", seed=7, tokenizer=tokenizer)
+    model = LanguageModel(hf_model, tokenizer=tokenizer)
+    acts = {kind: block_inputs_one_at_a_time(hf_model, tokenizer, refusal.prompts(
+        model, spec, refusal.instructions(kind, "train", 6)), [-1]) for kind in refusal.KINDS}
+    expected_direction = refusal.unit_vector(refusal.mean_difference(acts["harmful"], acts["harmless"]))[2, 0]
+    direction_unit = store.read_unit("direction__tiny-chat")
+    np.testing.assert_allclose(refusal.chosen_direction(direction_unit).numpy(), expected_direction.numpy(),
+                               atol=1e-5)
+    assert direction_unit["direction"].shape == (4, 5, 64)
+    family = store.read_unit("family__tiny")
+    base_direction = refusal.chosen_direction(store.read_unit("direction__tiny-llama")).double()
+    assert float(family["cosine"].sel(model_a="tiny-llama", model_b="tiny-chat")) == pytest.approx(
+        float(base_direction @ refusal.chosen_direction(direction_unit).double()), abs=1e-6)
+
+    # forward transfer: tiny-llama's direction added to tiny-chat, as greedy_generate gives it directly
+    unit = store.read_unit("generation__tiny-chat__tiny-llama__addition__harmless")
+    test = refusal.instructions("harmless", "test", 5)
+    steer = refusal.Steering("addition", base_direction.float(), 2, 1.0, "model.layers", "self_attn")
+    completions = refusal.greedy_generate(model, refusal.prompts(model, spec, test), max_new_tokens=5,
+                                          steering=steer, progress=False)
+    assert list(unit["completion"].values) == completions
+    assert list(unit["instruction_text"].values) == test
+    for name in expected:
+        unit = store.read_unit(name)
+        flags = [is_refusal(c) for c in unit["completion"].values]
+        assert list(unit["refusal"].values) == flags
+        assert float(unit["refusal_score"]) == refusal_score(unit["completion"].values)
+
+
+def test_run_resumes_only_unfinished_units(tiny_run, tiny_pair, processed_data, monkeypatch):
+    import zarr
+
+    from replication.cubes import COMPLETE_ATTR, UNITS_GROUP
+
+    name = "generation__tiny-llama__tiny-chat__ablation__harmful"
+    before = refusal.open_store(tiny_pair).read_unit(name)
+    group = zarr.open_group(str(tiny_run), mode="a", path=f"{UNITS_GROUP}/{name}")
+    group.attrs.put({**dict(group.attrs), COMPLETE_ATTR: False})  # as if interrupted before its marker
+    calls = []
+    real_generate = refusal.greedy_generate
+    monkeypatch.setattr(refusal, "greedy_generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    monkeypatch.setenv("PTR_RESULTS_DIR", str(tiny_run.parent.parent))
+    monkeypatch.setenv("PTR_DATA_DIR", str(processed_data))
+    assert refusal.run(tiny_pair, progress=False) == tiny_run
+    assert len(calls) == 1  # exactly the unfinished unit was generated again
+    after = refusal.open_store(tiny_pair).read_unit(name)
+    assert list(after["completion"].values) == list(before["completion"].values)
+
+
+def test_analysis_reads_the_tiny_cube(tiny_run, monkeypatch):
+    from analysis import refusal as analysis
+    from replication.cubes import open_cube
+
+    monkeypatch.setenv("PTR_RESULTS_DIR", str(tiny_run.parent.parent))
+    store, name = open_cube(tiny_run), tiny_run.parent.name
+    cube = analysis.score_cube(name)
+    assert dict(cube.sizes) == {"target": 2, "source": 3, "intervention": 4, "dataset": 2}
+    forward = store.read_unit("generation__tiny-chat__tiny-llama__addition__harmless")
+    assert float(cube.sel(target="tiny-chat", source="tiny-llama", intervention="addition", dataset="harmless")) \
+        == float(forward["refusal_score"])
+    assert int(cube.notnull().sum()) == 16
+    table = analysis.tables(name)["Refusal: refusal score, tiny"]
+    assert table.loc[("tiny-chat", "harmless", "addition"), ("r_base_on_instruct", "measured")] \
+        == float(forward["refusal_score"])
+    numbers = analysis.measured_numbers(name)
+    family = store.read_unit("family__tiny")
+    assert numbers[analysis.COSINE_KEY] == pytest.approx(float(family["cosine"].sel(model_a="tiny-llama",
+                                                                                      model_b="tiny-chat")))
+    assert numbers["refusal_intervention_score.instruct.harmless.r_base_on_instruct"] == float(forward["refusal_score"])
+    assert len([k for k in numbers if k.startswith("refusal_intervention_score.")]) == 11
+    samples = analysis.sample_completions(name, n=2)
+    assert len(samples) == 16 * 2 and set(samples.columns) >= {"instruction", "completion", "refusal"}
+    points, arrows = analysis.pca_data(name)
+    assert len(points) == 2 * 2 * 6 and len(arrows) == 4
+    assert arrows[["explained_pc1", "explained_pc2"]].to_numpy().sum(axis=1).max() <= 1 + 1e-6
+
+
+def test_sweep_picks_the_settings_that_move_refusal_most(tiny_pair, processed_data, tmp_path, monkeypatch):
+    """With scores that depend on the steering (a deterministic stand-in for generating and scoring), the sweep
+    picks the candidate with the largest effect and the extreme coefficients, shares the block within the family,
+    reads only train instructions, and a rerun reuses its grid."""
+    import random
+
+    monkeypatch.setenv("PTR_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("PTR_DATA_DIR", str(processed_data))
+    calls = []
+
+    def stand_in_score(model, texts, steer, *, max_new_tokens, batch_size):
+        calls.append(steer)
+        if steer is None:
+            return 0.5
+        key = (steer.intervention, steer.layer, round(float(steer.direction[0]), 6), round(steer.coef, 6))
+        return random.Random(str(key)).random()
+
+    splits = []
+    real_read = refusal.read_refusal
+    monkeypatch.setattr(refusal, "read_refusal", lambda kind, split: splits.append(split) or real_read(kind, split))
+    monkeypatch.setattr(refusal, "steered_score", stand_in_score)
+    chosen = refusal.sweep(tiny_pair, n_validation=3, max_new_tokens=2, progress=False)
+    assert set(splits) == {"train"}
+    store = refusal.open_store(tiny_pair, "refusal_sweep")
+    for key in ("tiny-chat", "tiny-llama"):
+        unit = store.read_unit(f"sweep__{key}")
+        baseline, rates = unit["baseline"].values, unit["candidate_score"].values
+        np.testing.assert_allclose(unit["candidate_effect"].values,
+                                   (baseline[0] - rates[:, 0]) + (rates[:, 1] - baseline[1]))
+        best = int(np.argmax(unit["candidate_effect"].values))
+        layer, position = int(unit["candidate_layer"][best]), int(unit["candidate_position"][best])
+        norm = float(unit["mean_difference_norm"].sel(layer=layer, position=position))
+        scale_score = unit["scale_score"].values
+        assert chosen[key] == {
+            "refusal_layer": layer, "refusal_apply_layer": layer, "refusal_pos": position,
+            "refusal_coef_sub": round(refusal.SWEEP_SCALES[int(np.argmin(scale_score[:, 0]))] * norm, 3),
+            "refusal_coef_add": round(refusal.SWEEP_SCALES[int(np.argmax(scale_score[:, 1]))] * norm, 3)}
+    post_candidates = store.read_unit("sweep__tiny-chat")["candidate_layer"].values
+    assert sorted(set(post_candidates)) == [0, 1, 2]  # the first 80% of the 4 blocks
+    assert len(post_candidates) == 3 + 4  # every block at position -1, then the other positions at the best
+    assert set(store.read_unit("sweep__tiny-llama")["candidate_layer"].values) == {chosen["tiny-chat"]["refusal_layer"]}
+    n_calls = len(calls)
+    assert refusal.sweep(tiny_pair, n_validation=3, max_new_tokens=2, progress=False) == chosen
+    assert len(calls) == n_calls  # the grid was read back, not recomputed

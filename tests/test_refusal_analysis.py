@@ -1,0 +1,90 @@
+"""The refusal tables and audit numbers (analysis/refusal.py) from hand-made score and cosine frames."""
+import math
+
+import pandas as pd
+import pytest
+
+from analysis import refusal
+
+# family f: base B, instruct P (own addition effect 0.8, base direction 0.2: ratio 0.25), sft S (own effect 0.05)
+ROLES = {"B": "base", "P": "instruct", "S": "sft", "none": "none"}
+SCORES = [  # target, source, intervention, dataset, refusal_score
+    ("P", "none", "none", "harmful", 0.9), ("P", "none", "none", "harmless", 0.1),
+    ("P", "P", "subtraction", "harmful", 0.05), ("P", "P", "ablation", "harmful", 0.3),
+    ("P", "P", "addition", "harmless", 0.9), ("P", "B", "subtraction", "harmful", 0.7),
+    ("P", "B", "ablation", "harmful", 0.8), ("P", "B", "addition", "harmless", 0.3),
+    ("S", "none", "none", "harmless", 0.0), ("S", "S", "addition", "harmless", 0.05),
+    ("S", "B", "addition", "harmless", 0.6),
+    ("B", "none", "none", "harmful", 0.2), ("B", "none", "none", "harmless", 0.0),
+    ("B", "B", "subtraction", "harmful", 0.1), ("B", "B", "addition", "harmless", 0.5),
+    ("B", "P", "addition", "harmless", 0.7),
+]
+
+
+def tidy() -> pd.DataFrame:
+    frame = pd.DataFrame(SCORES, columns=["target", "source", "intervention", "dataset", "refusal_score"])
+    return frame.assign(family="f", target_role=frame["target"].map(ROLES), source_role=frame["source"].map(ROLES))
+
+
+def cosines() -> pd.DataFrame:
+    rows = [("B", "P", 0.3), ("B", "S", 0.1), ("P", "S", 0.9)]
+    return pd.DataFrame([{"family": "f", "model_a": a, "model_b": b, "role_a": ROLES[a], "role_b": ROLES[b],
+                          "cosine": c} for a, b, c in rows])
+
+
+def test_forward_transfer_ratio_uses_harmless_addition_on_post_models():
+    ratios = refusal.forward_transfer_ratios(tidy()).set_index("post")
+    assert ratios.loc["P", "ratio"] == pytest.approx((0.3 - 0.1) / (0.9 - 0.1))
+    assert ratios.loc["S", "ratio"] == pytest.approx(0.6 / 0.05)
+    assert ratios.loc["S", "own_effect"] == pytest.approx(0.05)
+    assert set(ratios["base"]) == {"B"}
+
+
+def test_numbers_follow_the_published_layout_and_the_claims():
+    numbers = refusal.numbers_from(tidy(), cosines())
+    assert numbers == pytest.approx({
+        "refusal_intervention_score.instruct.harmful.baseline": 0.9,
+        "refusal_intervention_score.instruct.harmful.r_instruct_on_instruct": 0.05,  # subtraction, not ablation
+        "refusal_intervention_score.instruct.harmful.r_base_on_instruct": 0.7,
+        "refusal_intervention_score.instruct.harmless.baseline": 0.1,
+        "refusal_intervention_score.instruct.harmless.r_instruct_on_instruct": 0.9,
+        "refusal_intervention_score.instruct.harmless.r_base_on_instruct": 0.3,
+        "refusal_intervention_score.base.harmful.baseline": 0.2,
+        "refusal_intervention_score.base.harmful.r_base_on_base": 0.1,
+        "refusal_intervention_score.base.harmless.baseline": 0.0,
+        "refusal_intervention_score.base.harmless.r_base_on_base": 0.5,
+        "refusal_intervention_score.shipped_direction_cosines.base_vs_instruct": 0.3,
+        "refusal_intervention_score.shipped_direction_cosines.base_vs_sft": 0.1,
+        "refusal_intervention_score.shipped_direction_cosines.instruct_vs_sft": 0.9,
+        "qualitative.refusal.max_direction_cosine": 0.3,  # BASE-POST pairs only (not instruct vs sft)
+        "qualitative.refusal.forward_transfer_ratio": 0.25,  # S's own effect (0.05) is too small to count
+    })
+
+
+def test_forward_transfer_claim_is_absent_when_no_pair_has_an_own_effect():
+    frame = tidy()
+    frame.loc[(frame["target"] == "P") & (frame["source"] == "P") & (frame["dataset"] == "harmless"),
+              "refusal_score"] = 0.15
+    assert refusal.TRANSFER_KEY not in refusal.numbers_from(frame, cosines())
+
+
+def test_paper_layout_table_puts_measured_beside_published():
+    table = refusal.refusal_score_tables(tidy())["f"]
+    row = table.loc[("P", "harmless", "addition")]
+    assert row[("baseline", "measured")] == 0.1 and row[("baseline", "paper")] == 0.0
+    assert row[("r_base_on_instruct", "measured")] == 0.3 and row[("r_base_on_instruct", "paper")] == 0.08
+    ablation = table.loc[("P", "harmful", "ablation")]
+    assert ablation[("r_instruct_on_instruct", "measured")] == 0.3
+    assert math.isnan(ablation[("r_instruct_on_instruct", "paper")])  # the paper layout's harmful row is subtraction
+    subtraction = table.loc[("P", "harmful", "subtraction")]
+    assert subtraction[("r_instruct_on_instruct", "paper")] == 0.01
+    assert list(table.columns.get_level_values(0))[:2] == ["baseline", "baseline"]
+    assert math.isnan(table.loc[("B", "harmless", "addition"), ("r_instruct_on_base", "paper")])
+    assert table.loc[("B", "harmless", "addition"), ("r_instruct_on_base", "measured")] == 0.7
+
+
+def test_paper_layout_rows_start_with_the_base_model():
+    table = refusal.refusal_score_tables(tidy())["f"]
+    assert list(table.index) == [("B", "harmful", "subtraction"), ("B", "harmless", "addition"),
+                                 ("P", "harmful", "subtraction"), ("P", "harmful", "ablation"),
+                                 ("P", "harmless", "addition"), ("S", "harmless", "addition")]
