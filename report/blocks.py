@@ -10,6 +10,8 @@ charts carry interactive HTML (vega-embed, JavaScript bundled offline) for HTML 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import importlib
 import json
 import os
 from pathlib import Path
@@ -22,10 +24,12 @@ from IPython.display import Markdown
 
 from analysis import audit
 from analysis.figures import markdown_table
+from replication.config import load_profile
 from replication.cubes import UNITS_GROUP, open_cube
 from replication.paths import REPO_ROOT, results_dir
 
 DEFAULT_PROFILE = "demo"
+NOT_COMPUTED = "Not yet computed for this profile"
 
 
 def profile() -> str:
@@ -34,13 +38,15 @@ def profile() -> str:
 
 
 class Table:
-    """A DataFrame displayed as a pipe table (text/markdown)."""
+    """A DataFrame displayed as a pipe table (text/markdown); numeric columns and those named in `right` are
+    right-aligned."""
 
-    def __init__(self, frame: pd.DataFrame):
+    def __init__(self, frame: pd.DataFrame, right: tuple[str, ...] = ()):
         self.frame = frame
+        self.right = tuple(right)
 
     def _repr_markdown_(self) -> str:
-        return markdown_table(self.frame)
+        return markdown_table(self.frame, right=self.right)
 
 
 def _shown(path: Path) -> str:
@@ -52,21 +58,65 @@ def cube_path(experiment: str, profile_name: str) -> Path:
 
 
 def has_cube(experiment: str, profile_name: str) -> bool:
-    return (cube_path(experiment, profile_name) / "zarr.json").exists()
+    """Whether the experiment's cube exists with at least one finished unit."""
+    path = cube_path(experiment, profile_name)
+    return (path / "zarr.json").exists() and bool(open_cube(path).unit_names())
+
+
+def measured(experiment: str, profile_name: str) -> dict[str, float] | Exception | None:
+    """The experiment's audit numbers (analysis.<experiment>.measured_numbers), the error raised computing them
+    (a cube still being computed lacks units the analysis needs), or None without a cube."""
+    if not has_cube(experiment, profile_name):
+        return None
+    return _measured(experiment, profile_name, cube_path(experiment, profile_name))
+
+
+@functools.cache
+def _measured(experiment: str, profile_name: str, _path: Path) -> dict[str, float] | Exception:
+    try:
+        return importlib.import_module(f"analysis.{experiment}").measured_numbers(profile_name)
+    except Exception as error:  # shown in the section's status line; the report goes on
+        return error
+
+
+def error_text(error: Exception) -> str:
+    """'KeyError: ...' on one line, without backticks (it is shown as inline code)."""
+    return " ".join(f"{type(error).__name__}: {error}".replace("`", "'").split())
+
+
+def is_computed(experiment: str, profile_name: str) -> bool:
+    """The experiment's cube exists and its analysis runs: its section can show figures and tables."""
+    return isinstance(measured(experiment, profile_name), dict)
 
 
 def cube_status(experiment: str, profile_name: str) -> Markdown:
-    """One line: which cube the section reads, and whether it exists."""
+    """One line: which cube the section reads, whether it exists and is complete, and the profile's models."""
     path = cube_path(experiment, profile_name)
-    if not has_cube(experiment, profile_name):
-        return Markdown(f"Reads the cube `{_shown(path)}`. *Not yet computed for this profile* "
-                        f"(run `ptr run {experiment} --profile {profile_name}`).")
+    rerun = f"run `ptr run {experiment} --profile {profile_name}`"
+    numbers = measured(experiment, profile_name)
+    if numbers is None:
+        return Markdown(f"Reads the cube `{_shown(path)}`. *{NOT_COMPUTED}* ({rerun}).")
     units = open_cube(path).unit_names()
-    return Markdown(f"Reads the cube `{_shown(path)}`: {len(units)} finished unit(s).")
+    if isinstance(numbers, Exception):
+        return Markdown(f"Reads the cube `{_shown(path)}`: {len(units)} finished unit(s), *incomplete*: its analysis "
+                        f"fails with `{error_text(numbers)}` ({rerun} to finish it).")
+    return Markdown(f"Reads the cube `{_shown(path)}`: {len(units)} finished unit(s). "
+                    f"Profile **{profile_name}**; {experiment_models(experiment, profile_name)}.")
+
+
+def experiment_models(experiment: str, profile_name: str) -> str:
+    """'models: family tiny: tiny-llama (BASE), tiny-llama-sft (SFT)' from the profile's configuration."""
+    profile = load_profile(profile_name)
+    families = []
+    for name in profile.family_names(experiment):
+        family = profile.families[name]
+        models = ", ".join(f"{key} ({profile.model_spec(key).role.upper()})" for key in (family.base, *family.post))
+        families.append(f"family {name}: {models}")
+    return "models: " + "; ".join(families)
 
 
 def status_summary(profile_name: str, audit_table: pd.DataFrame) -> Markdown:
-    computed = [e for e in audit.EXPERIMENTS if has_cube(e, profile_name)]
+    computed = [e for e in audit.EXPERIMENTS if is_computed(e, profile_name)]
     counts = ", ".join(f"{n} {status}" for status, n in audit.summary(audit_table).items())
     return Markdown(
         f"This report covers profile **{profile_name}** (results in `{_shown(results_dir(profile_name))}`). "
@@ -77,7 +127,12 @@ def status_summary(profile_name: str, audit_table: pd.DataFrame) -> Markdown:
 # --- audit -------------------------------------------------------------------------------------------------
 
 def audit_table(profile_name: str) -> pd.DataFrame:
-    return audit.audit(profile_name, audit.collect_measured(profile_name))
+    """The audit of the experiments whose cubes are computed (audit.collect_measured, skipping incomplete cubes)."""
+    numbers = {}
+    for experiment in audit.EXPERIMENTS:
+        if is_computed(experiment, profile_name):
+            numbers.update(measured(experiment, profile_name))
+    return audit.audit(profile_name, numbers)
 
 
 def audit_note(profile_name: str, table: pd.DataFrame) -> Markdown:
@@ -179,12 +234,14 @@ def packages_table(attrs: dict[str, dict]) -> Table | None:
 
 
 def run_time_chart(times: pd.DataFrame) -> alt.Chart | None:
+    """One bar per cube, stacked from its units' compute times (hover for a unit)."""
     if times.empty:
         return None
-    return alt.Chart(times[["cube", "unit", "seconds"]]).mark_bar().encode(
-        x=alt.X("seconds:Q", title="compute time (s)"),
-        y=alt.Y("unit:N", sort=None, title=None),
-        color=alt.Color("cube:N", title="cube"),
+    return alt.Chart(times[["cube", "unit", "seconds"]]).mark_bar(stroke="white", strokeWidth=0.5).encode(
+        x=alt.X("sum(seconds):Q", title="compute time (s)"),
+        y=alt.Y("cube:N", title=None),
+        color=alt.Color("cube:N", legend=None),
+        detail="unit:N",
         tooltip=["cube", "unit", alt.Tooltip("seconds:Q", format=".1f")],
     ).properties(width=380)
 

@@ -139,7 +139,7 @@ def test_html_has_sections_table_interactive_figure_and_provenance(rendered):
     figure = re.search(r'<div id="fig-run-times" class="figure">(.*?)</div>\s*</div>', html, re.S).group(1)
     spec = json.loads(re.search(r'vegaEmbed\("#vega-chart-1", (\{.*?\}), \{"actions"', figure, re.S).group(1))
     assert spec["mark"]["type"] == "bar" and spec["encoding"]["x"]["field"] == "seconds"
-    assert "Figure 1: Compute time of each finished unit." in figure
+    assert "Figure 1: Compute time of each cube, one bar segment per finished unit." in " ".join(figure.split())
     assert "vegaEmbed" in html and not re.search(r"<script[^>]+src=", html)  # JavaScript inlined, no CDN
     for value in ["org/tiny-base", "rev-base-1", "rev-post-2", "5e" * 32, "0123456789ab", "fixture-host"]:
         assert value in html, value
@@ -221,6 +221,55 @@ def test_cube_status_and_provenance_tables(tmp_path, monkeypatch):
 
 
 def test_report_code_never_imports_torch():
-    code = ("import sys; sys.path.insert(0, 'report'); import blocks, report.render; "
+    code = ("import sys; sys.path.insert(0, 'report'); import blocks, sections, report.render; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+# --- analysis/figures.py: cells and charts of the sections --------------------------------------------------
+
+def test_beside_paper_puts_the_paper_value_in_parentheses():
+    import pandas as pd
+
+    from analysis.figures import beside, beside_paper
+
+    assert beside(0.99287, 0.9923) == "0.9929 (0.9923)" and beside(3.0, None) == "3"
+    assert beside(float("nan"), 1) == "— (1)"
+    table = pd.DataFrame({("r", "measured"): [0.5, 0.25], ("r", "paper"): [0.9, None]},
+                         index=pd.Index(["cities", "facts"], name="dataset"))
+    table.columns = pd.MultiIndex.from_tuples(table.columns)
+    flat = beside_paper(table)
+    assert flat.columns.tolist() == ["dataset", "r"] and flat["r"].tolist() == ["0.5 (0.9)", "0.25"]
+
+
+def test_escape_markdown_shows_model_output_literally():
+    from analysis.figures import escape_markdown
+
+    assert escape_markdown("**bold** <b>|x_y") == "\\*\\*bold\\*\\* \\<b\\>\\|x\\_y"
+    assert escape_markdown("a\nb\x02c\td") == "a·b·c·d"
+
+
+def test_token_heatmap_frames_each_run_of_knowledge_columns():
+    from analysis.figures import runs, token_heatmap
+
+    assert runs([False, True, True, False, True]) == [(1, 2), (4, 4)]
+    values = np.arange(12.0).reshape(3, 4) / 12
+    chart = token_heatmap(values, ["The", "[s1]", "[s2]", ":"], [False, True, True, False], title="t").to_dict()
+    cells, frames = (chart["datasets"][layer["data"]["name"]] for layer in chart["layer"])
+    assert len(cells) == 12 and {c["token"] for c in cells} == {"The", "[s1]", "[s2]", ":"}
+    assert frames == [{"x0": 0.5, "x1": 2.5, "y0": -0.5, "y1": 2.5}]  # one frame around both subject tokens
+    axis = chart["layer"][0]["encoding"]["x"]["axis"]
+    assert axis["values"] == [0, 1, 2, 3] and '["The", "[s1]", "[s2]", ":"][datum.value]' == axis["labelExpr"]
+
+
+def test_pca_plane_scales_arrows_together_to_the_points():
+    import pandas as pd
+
+    from analysis.figures import pca_plane
+
+    points = pd.DataFrame({"pc1": [2.0, -1.0], "pc2": [0.0, 1.0], "kind": ["a", "b"]})
+    arrows = pd.DataFrame({"pc1": [0.5, 0.0], "pc2": [0.0, 0.25], "label": ["BASE", "POST"]})
+    chart = pca_plane(points, arrows, color="kind", color_title="kind", title="t", explained=(0.5, 0.25)).to_dict()
+    tips = chart["datasets"][chart["layer"][1]["data"]["name"]]
+    assert [(t["pc1"], t["pc2"]) for t in tips] == [(pytest.approx(1.8), 0.0), (0.0, pytest.approx(0.9))]
+    assert chart["layer"][0]["encoding"]["x"]["title"] == "PC1 (50% of variance)"
