@@ -210,3 +210,15 @@ def measured_numbers(profile_name: str) -> dict[str, float]:
             if key in published:
                 numbers[key] = float(value)
     return numbers
+
+
+def tables(profile_name: str) -> dict[str, pd.DataFrame]:
+    """Every confidence table, by title (the ablation table only when the cube has ablation units)."""
+    result = {"Confidence: entropy-neuron overlap": entropy_neuron_table(profile_name),
+              "Confidence: W_U choice (TL-processed vs raw lm_head)": wu_choice_table(profile_name),
+              "Confidence: output confidence and calibration": calibration_table(profile_name),
+              "Confidence: POST minus BASE": calibration_comparison(profile_name)}
+    ablation = ablation_table(profile_name)
+    if not ablation.empty:
+        result["Confidence: mean-ablating the entropy neurons (beyond the paper)"] = ablation
+    return result

@@ -181,3 +181,12 @@ def measured_numbers(profile_name: str) -> dict[str, float]:
         for name, value in figure1a_numbers(maps[base, base, "larger_than"], maps[post, post, "larger_than"]).items():
             numbers[f"{PUBLISHED}.figure1a_larger_than_base_minus_post.{name}"] = value
     return numbers
+
+
+def tables(profile_name: str) -> dict[str, pd.DataFrame]:
+    """Every knowledge table, by title."""
+    comparison = comparison_table(profile_name)
+    own = comparison["comparison"] == "own"
+    cross = comparison[~own].drop(columns=[c for c in comparison if c.startswith("paper_")])
+    return {"Knowledge: BASE vs POST causal-tracing maps": comparison[own].drop(columns="comparison"),
+            "Knowledge: cross-model patching (forward BASE->POST, backward POST->BASE)": cross}

@@ -1,8 +1,10 @@
 """Shared fixtures. `processed_data` builds the processed datasets once per session from the raw mirror into a
 temporary PTR_DATA_DIR (patching pairs for the Llama-3 tokenizer via quicktok), so tests read processed data
-through the data_prep readers exactly as the experiments do."""
+through the data_prep readers exactly as the experiments do. `tiny_results` runs the tiny profile's four experiments
+once into a temporary results directory."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,32 @@ def processed_data(tmp_path_factory, mirror, llama3_encode) -> Path:
         patch.setenv("PTR_DATA_MIRROR", str(mirror))
         build_all(mirror=mirror, tokenizers={"llama3": llama3_encode}, progress=False)
         yield data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_results(tmp_path_factory, mirror):
+    """A results directory with the tiny profile's four cubes (processed data built from the mirror into a
+    temporary data directory, the tiny post-trained model made if the cache lacks it)."""
+    import torch
+
+    from data_prep.build import build_all
+    from replication.config import load_profile
+    from replication.models import pair_tokenizers
+    from replication.posttrain import posttrain_profile
+
+    profile = load_profile("tiny")
+    results = tmp_path_factory.mktemp("tiny_results")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PTR_DATA_DIR", str(tmp_path_factory.mktemp("tiny_data")))
+        patch.setenv("PTR_DATA_MIRROR", str(mirror))
+        patch.setenv("PTR_RESULTS_DIR", str(results))
+        build_all(mirror=mirror, tokenizers=pair_tokenizers(profile), progress=False)
+        posttrain_profile(profile, progress=False)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny models gain nothing from threads, and on a busy CPU they cost
+        try:
+            for experiment in ("knowledge", "truthfulness", "refusal", "confidence"):
+                importlib.import_module(f"replication.{experiment}").run(profile, progress=False)
+        finally:
+            torch.set_num_threads(threads)
+    return results

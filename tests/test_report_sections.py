@@ -2,7 +2,6 @@
 directory, the fallback renderer makes HTML and PDF from them, and every section figure and table is found (by its
 label and caption) with numbers computed from the cubes; a section whose cube is missing shows the placeholder."""
 import html as html_lib
-import importlib
 import re
 import unicodedata
 
@@ -22,35 +21,6 @@ SECTION_ITEMS = {  # labels of the figures and tables each section shows for the
 }
 NOT_FOR_TINY = ["tbl-figure1d"]  # the Llama-3.1-8B family's neuron ids beside the paper's: only with that family
 PLACEHOLDER = "Not yet computed for this profile"
-
-
-@pytest.fixture(scope="session")
-def tiny_results(tmp_path_factory, mirror):
-    """A results directory with the tiny profile's four cubes (processed data built from the mirror into a
-    temporary data directory, the tiny post-trained model made if the cache lacks it)."""
-    import torch
-
-    from data_prep.build import build_all
-    from replication.config import load_profile
-    from replication.models import pair_tokenizers
-    from replication.posttrain import posttrain_profile
-
-    profile = load_profile("tiny")
-    results = tmp_path_factory.mktemp("tiny_results")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PTR_DATA_DIR", str(tmp_path_factory.mktemp("tiny_data")))
-        patch.setenv("PTR_DATA_MIRROR", str(mirror))
-        patch.setenv("PTR_RESULTS_DIR", str(results))
-        build_all(mirror=mirror, tokenizers=pair_tokenizers(profile), progress=False)
-        posttrain_profile(profile, progress=False)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny models gain nothing from threads, and on a busy CPU they cost
-        try:
-            for experiment in EXPERIMENTS:
-                importlib.import_module(f"replication.{experiment}").run(profile, progress=False)
-        finally:
-            torch.set_num_threads(threads)
-    return results
 
 
 @pytest.fixture(scope="module")
