@@ -420,4 +420,5 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
     weights = {key: store.read_unit(weights_unit(key)) for key in keys}
     pairs = [(profile.model_spec(base), profile.model_spec(post)) for base, post in profile.pairs(EXPERIMENT)]
     store.write_unit("pairs", compare_pairs(weights, pairs))  # derived in milliseconds: always rewritten
+    store.update_attrs(finished_at=now())
     return store.path

@@ -79,3 +79,17 @@ def test_reading_an_existing_store_writes_nothing(tmp_path):
     assert reader.unit_attrs("a")["finished_at"] >= reader.unit_attrs("a")["started_at"]
     reader.read_units()
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.rglob("*") if p.is_file()} == snapshot
+
+
+EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")
+PROVENANCE_KEYS = {"experiment", "git_commit", "profile", "config_hash", "models", "data", "packages", "dtype",
+                   "device", "seed", "started_at", "finished_at"}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_cube_records_provenance_and_its_finish(tiny_results, experiment):
+    attrs = open_cube(tiny_results / "tiny" / f"{experiment}.zarr").attrs
+    assert PROVENANCE_KEYS <= set(attrs), PROVENANCE_KEYS - set(attrs)
+    assert attrs["experiment"] == experiment and attrs["profile"] == "tiny"
+    assert attrs["finished_at"] is not None and attrs["finished_at"] >= attrs["started_at"]
+    assert attrs["data"]["sha256"] and set(attrs["models"]) and "torch" in attrs["packages"]
