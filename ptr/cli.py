@@ -56,15 +56,25 @@ def posttrain(profile: str) -> None:
 @main.command()
 @click.argument("experiment", type=click.Choice(EXPERIMENTS + ("all",)))
 @PROFILE_OPTION
-def run(experiment: str, profile: str) -> None:
+@click.option("--fresh", is_flag=True,
+              help="Set the existing cube aside (renamed to <experiment>.stale-<time>.zarr, not deleted) and start "
+                   "again. Needed when the experiment's configuration changed since its units were computed.")
+def run(experiment: str, profile: str, fresh: bool = False) -> None:
     """Run one experiment (or all) for a profile and write its cube to results/<profile>/<experiment>.zarr.
-    Resumable: finished units are skipped."""
+    Resumable: finished units are skipped; a cube computed under another configuration is refused (see --fresh)."""
     from replication.config import load_profile
+    from replication.cubes import StaleCubeError, set_aside
+    from replication.paths import results_dir
 
     prof = load_profile(profile)
     for name in EXPERIMENTS if experiment == "all" else (experiment,):
         start = time.time()
-        path = importlib.import_module(f"replication.{name}").run(prof)
+        if fresh and (kept := set_aside(results_dir(prof.name) / f"{name}.zarr")):
+            click.echo(f"{name}: previous cube kept as {kept}")
+        try:
+            path = importlib.import_module(f"replication.{name}").run(prof)
+        except StaleCubeError as error:
+            raise click.ClickException(f"{error} (`ptr run {name} --profile {profile} --fresh`)") from None
         click.echo(f"{name}: {path} ({time.time() - start:.0f} s)")
 
 

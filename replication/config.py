@@ -257,8 +257,18 @@ class Profile:
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of `to_dict()` (provenance: equal hashes = equal configuration)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return _sha256_json(self.to_dict())
+
+    def experiment_hash(self, experiment: str) -> str:
+        """sha256 of what one experiment's numbers depend on: its settings, the profile's dtype and seed, and the
+        full spec of each of its models. A cube computed under another hash is stale (replication.cubes)."""
+        return _sha256_json({"experiment": experiment, "settings": _plain(self.experiment(experiment)),
+                             "dtype": self.dtype, "seed": self.seed,
+                             "models": {key: _plain(self.model_table[key]) for key in self.models(experiment)}})
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -20,11 +20,16 @@ import zarr
 
 UNITS_GROUP = "units"
 COMPLETE_ATTR = "ptr_unit_complete"
+HASH_ATTR = "experiment_hash"  # root attr: the configuration the finished units were computed with
 _UNIT_NAME = re.compile(r"^[A-Za-z0-9_.+=\-]+$")
 
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class StaleCubeError(RuntimeError):
+    """A store's finished units were computed under another configuration than the current run's."""
 
 
 class CubeStore:
@@ -37,7 +42,18 @@ class CubeStore:
         root = zarr.open_group(str(self.path), mode="a", zarr_format=3)
         root.require_group(UNITS_GROUP)
         if provenance:
+            self._refuse_stale(provenance.get(HASH_ATTR))
             self.update_attrs(**provenance)
+
+    def _refuse_stale(self, experiment_hash: str | None) -> None:
+        """Finished units computed under another configuration are never mixed with new ones."""
+        previous = self.attrs.get(HASH_ATTR)
+        if experiment_hash and previous and previous != experiment_hash and self.unit_names():
+            raise StaleCubeError(
+                f"{self.path} holds {len(self.unit_names())} finished unit(s) computed with another configuration "
+                f"of this experiment (settings, models, dtype or seed changed: hash {previous[:12]} there, "
+                f"{experiment_hash[:12]} now). Nothing was changed. Run with --fresh to set the old cube aside "
+                f"(renamed, not deleted) and start again, or restore the configuration to resume it.")
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -109,3 +125,13 @@ def open_cube(path: str | Path) -> CubeStore:
             f"{path.parent.name}`)"
         )
     return CubeStore(path)
+
+
+def set_aside(path: str | Path) -> Path | None:
+    """Rename an existing store to `<name>.stale-<UTC time>.zarr` beside it (kept, never deleted); the new path,
+    or None when there was no store."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return path.rename(path.with_name(f"{path.stem}.stale-{stamp}{path.suffix}"))

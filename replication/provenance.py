@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from replication.config import EXPERIMENTS
 from replication.cubes import now
 from replication.paths import REPO_ROOT, processed_dir
 
@@ -50,13 +51,16 @@ def provenance(profile, model_specs: Iterable, *, dtype: str, device: str, seed:
                experiment: str) -> dict[str, Any]:
     """JSON-serialisable provenance for a cube's root attrs.
 
-    `profile` needs `.name` and `.config_hash()`; each model spec needs `.key`, `.hf_id`, `.revision`.
+    `profile` needs `.name`, `.config_hash()` and `.experiment_hash(name)`; each model spec needs `.key`,
+    `.hf_id`, `.revision`. A store that is not one of the four experiments (a settings sweep) has no
+    experiment_hash: its results choose settings, so they must outlive the settings they choose.
     """
     return {
         "experiment": experiment,
         "git_commit": git_commit(),
         "profile": profile.name,
         "config_hash": profile.config_hash(),
+        "experiment_hash": profile.experiment_hash(experiment) if experiment in EXPERIMENTS else None,
         "models": {s.key: {"hf_id": s.hf_id, "revision": s.revision} for s in model_specs},
         "data": data_fingerprint(),
         "packages": package_versions(),

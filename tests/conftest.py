@@ -1,7 +1,7 @@
 """Shared fixtures. `processed_data` builds the processed datasets once per session from the raw mirror into a
 temporary PTR_DATA_DIR (patching pairs for the Llama-3 tokenizer via quicktok), so tests read processed data
-through the data_prep readers exactly as the experiments do. `tiny_results` runs the tiny profile's four experiments
-once into a temporary results directory."""
+through the data_prep readers exactly as the experiments do. `tiny_data` builds the tiny profile's data and
+`tiny_results` runs its four experiments once into a temporary results directory."""
 from __future__ import annotations
 
 import importlib
@@ -44,24 +44,36 @@ def processed_data(tmp_path_factory, mirror, llama3_encode) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_results(tmp_path_factory, mirror):
-    """A results directory with the tiny profile's four cubes (processed data built from the mirror into a
-    temporary data directory, the tiny post-trained model made if the cache lacks it)."""
-    import torch
-
+def tiny_data(tmp_path_factory, mirror) -> Path:
+    """A PTR_DATA_DIR with the tiny profile's processed data (patching pairs for its tokenizers), built from the
+    mirror; the tiny post-trained model made if the cache lacks it."""
     from data_prep.build import build_all
     from replication.config import load_profile
     from replication.models import pair_tokenizers
     from replication.posttrain import posttrain_profile
 
     profile = load_profile("tiny")
-    results = tmp_path_factory.mktemp("tiny_results")
+    data_dir = tmp_path_factory.mktemp("tiny_data")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PTR_DATA_DIR", str(tmp_path_factory.mktemp("tiny_data")))
+        patch.setenv("PTR_DATA_DIR", str(data_dir))
         patch.setenv("PTR_DATA_MIRROR", str(mirror))
-        patch.setenv("PTR_RESULTS_DIR", str(results))
         build_all(mirror=mirror, tokenizers=pair_tokenizers(profile), progress=False)
         posttrain_profile(profile, progress=False)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_results(tmp_path_factory, tiny_data):
+    """A results directory with the tiny profile's four cubes, computed from `tiny_data`."""
+    import torch
+
+    from replication.config import load_profile
+
+    profile = load_profile("tiny")
+    results = tmp_path_factory.mktemp("tiny_results")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PTR_DATA_DIR", str(tiny_data))
+        patch.setenv("PTR_RESULTS_DIR", str(results))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny models gain nothing from threads, and on a busy CPU they cost
         try:

@@ -181,6 +181,20 @@ def test_config_hash_tracks_the_resolved_configuration(tmp_path):
     assert load_profile("tiny", load_model_table(write_yaml(tmp_path / "m2.yaml", models))).config_hash() == base_hash
 
 
+def test_experiment_hash_changes_only_with_what_that_experiment_depends_on(tmp_path):
+    tiny = load_profile("tiny")
+    hashes = {name: tiny.experiment_hash(name) for name in ("knowledge", "truthfulness", "refusal", "confidence")}
+    assert len(set(hashes.values())) == 4
+    data = profile_data()
+    data["experiments"]["knowledge"]["max_pairs"] = 4
+    changed = load_profile(write_yaml(tmp_path / "tiny.yaml", data))
+    assert changed.experiment_hash("knowledge") != hashes["knowledge"]
+    assert changed.experiment_hash("refusal") == hashes["refusal"]
+    data = profile_data()
+    data["dtype"] = "bfloat16"
+    assert load_profile(write_yaml(tmp_path / "tiny.yaml", data)).experiment_hash("refusal") != hashes["refusal"]
+
+
 # ---- validation errors name the file, the key and the fix ----------------------------------------------------------
 
 def profile_error(tmp_path, data) -> str:

@@ -4,7 +4,8 @@ import pytest
 import xarray as xr
 import zarr
 
-from replication.cubes import COMPLETE_ATTR, UNITS_GROUP, CubeStore, open_cube
+from replication.cubes import COMPLETE_ATTR, UNITS_GROUP, CubeStore, StaleCubeError, open_cube, set_aside
+from replication.config import load_profile
 from replication.provenance import git_commit, package_versions
 
 
@@ -82,8 +83,8 @@ def test_reading_an_existing_store_writes_nothing(tmp_path):
 
 
 EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")
-PROVENANCE_KEYS = {"experiment", "git_commit", "profile", "config_hash", "models", "data", "packages", "dtype",
-                   "device", "seed", "started_at", "finished_at"}
+PROVENANCE_KEYS = {"experiment", "git_commit", "profile", "config_hash", "experiment_hash", "models", "data",
+                   "packages", "dtype", "device", "seed", "started_at", "finished_at"}
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -91,5 +92,27 @@ def test_every_experiment_cube_records_provenance_and_its_finish(tiny_results, e
     attrs = open_cube(tiny_results / "tiny" / f"{experiment}.zarr").attrs
     assert PROVENANCE_KEYS <= set(attrs), PROVENANCE_KEYS - set(attrs)
     assert attrs["experiment"] == experiment and attrs["profile"] == "tiny"
+    assert attrs["experiment_hash"] == load_profile("tiny").experiment_hash(experiment)
     assert attrs["finished_at"] is not None and attrs["finished_at"] >= attrs["started_at"]
     assert attrs["data"]["sha256"] and set(attrs["models"]) and "torch" in attrs["packages"]
+
+
+def test_a_cube_from_another_configuration_is_refused_then_set_aside_intact(tmp_path):
+    path = tmp_path / "knowledge.zarr"
+    store = CubeStore(path, provenance={"experiment_hash": "a" * 64, "seed": 1})
+    store.write_unit("m__cities", xr.Dataset({"effect": ("layer", np.arange(3.0))}))
+    CubeStore(path, provenance={"experiment_hash": "a" * 64, "seed": 1})  # same configuration: resumes
+    with pytest.raises(StaleCubeError, match=r"1 finished unit.*aaaaaaaaaaaa there, bbbbbbbbbbbb now.*--fresh"):
+        CubeStore(path, provenance={"experiment_hash": "b" * 64, "seed": 1})
+    assert open_cube(path).attrs["experiment_hash"] == "a" * 64  # the refusal changed nothing
+    kept = set_aside(path)
+    assert not path.exists() and kept.name.startswith("knowledge.stale-") and kept.suffix == ".zarr"
+    assert open_cube(kept).read_unit("m__cities").effect.values.tolist() == [0.0, 1.0, 2.0]
+    fresh = CubeStore(path, provenance={"experiment_hash": "b" * 64, "seed": 1})
+    assert fresh.unit_names() == [] and set_aside(tmp_path / "missing.zarr") is None
+
+
+def test_a_cube_without_finished_units_takes_the_new_configuration(tmp_path):
+    path = tmp_path / "refusal.zarr"
+    CubeStore(path, provenance={"experiment_hash": "a" * 64})
+    assert CubeStore(path, provenance={"experiment_hash": "b" * 64}).attrs["experiment_hash"] == "b" * 64

@@ -1,10 +1,15 @@
-"""`ptr analyze`: every experiment's tables from the tiny profile's cubes, and a note (not a crash) for a missing
-cube."""
+"""The CLI on the tiny profile's cubes: `ptr analyze` prints every experiment's tables (a note, not a crash, for a
+missing cube); `ptr run` refuses a cube computed under another configuration until --fresh sets it aside."""
+import shutil
+
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from analysis import knowledge, tables
 from ptr.cli import main
+from replication.config import PROFILE_DIR
+from replication.cubes import open_cube
 
 
 def test_all_tables_has_every_experiment_and_numbers_from_the_cubes(tiny_results, monkeypatch):
@@ -31,3 +36,21 @@ def test_analyze_cli_prints_tables_and_notes_a_missing_cube(tiny_results, tmp_pa
     assert "## Confidence: entropy-neuron overlap" in output.output
     assert "## Refusal: not available" in output.output
     assert "ptr run truthfulness --profile tiny" in output.output
+
+
+def test_run_refuses_a_cube_from_another_configuration_until_fresh(tiny_data, tiny_results, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    shutil.copytree(tiny_results / "tiny" / "confidence.zarr", results / "tiny" / "confidence.zarr")
+    profile = yaml.safe_load((PROFILE_DIR / "tiny.yaml").read_text())
+    profile["experiments"]["confidence"]["n_neurons"] = 3  # another configuration of the same profile name
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(profile))
+    monkeypatch.setenv("PTR_DATA_DIR", str(tiny_data))
+    monkeypatch.setenv("PTR_RESULTS_DIR", str(results))
+    command = ["run", "confidence", "--profile", str(tmp_path / "tiny.yaml")]
+    refused = CliRunner().invoke(main, command)
+    assert refused.exit_code == 1 and "another configuration" in refused.output and "--fresh" in refused.output
+    done = CliRunner().invoke(main, [*command, "--fresh"])
+    assert done.exit_code == 0, done.output
+    (kept,) = (results / "tiny").glob("confidence.stale-*.zarr")
+    assert open_cube(kept).read_unit("weights__tiny-llama").sizes["rank"] == 4
+    assert open_cube(results / "tiny" / "confidence.zarr").read_unit("weights__tiny-llama").sizes["rank"] == 3
