@@ -343,7 +343,7 @@ def _model_spec(key: str, entry: Any, architectures: dict, templates: dict, path
         raise ConfigError(f"{path}: {where}.revision {spec.revision!r} is not a 40-hex commit sha; pin a commit "
                           f"or mark it unpinned with 'revision_pinned: false'")
     if spec.gguf is not None:
-        missing = [name for name in ("package", "version") if name not in spec.gguf]
+        missing = [name for name in ("package", "version", "filename", "sha256") if name not in spec.gguf]
         if missing:
             raise ConfigError(f"{path}: {where}.gguf lacks {', '.join(missing)}")
     return spec

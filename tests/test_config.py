@@ -296,6 +296,12 @@ def test_unpinned_revision_must_be_flagged(tmp_path):
     assert "revision_pinned: false" in table_error(tmp_path, data)
 
 
+def test_gguf_source_must_name_its_file_and_checksum(tmp_path):
+    data = table_data()
+    del data["models"]["gemma-3-270m"]["gguf"]["sha256"]
+    assert "models.gemma-3-270m.gguf lacks sha256" in table_error(tmp_path, data)
+
+
 def test_posttrain_model_must_match_its_base(tmp_path):
     data = table_data()
     data["models"]["tiny-llama-sft"]["tokenizer_key"] = "llama3"
