@@ -20,7 +20,8 @@ def main() -> None:
     """Replication of Du et al. (2025), "How Post-Training Reshapes LLMs" (arXiv 2504.02904).
 
     Typical order: `ptr data`, `ptr posttrain` (demo/tiny), `ptr run EXPERIMENT` for each experiment,
-    `ptr report`, `ptr audit`. `make replicate` runs them all.
+    `ptr report`, `ptr audit`. `make replicate` runs them all. `ptr sweep` chooses the settings of models the
+    original code has none for (recorded in the model table).
     """
 
 
@@ -76,6 +77,30 @@ def run(experiment: str, profile: str, fresh: bool = False) -> None:
         except StaleCubeError as error:
             raise click.ClickException(f"{error} (`ptr run {name} --profile {profile} --fresh`)") from None
         click.echo(f"{name}: {path} ({time.time() - start:.0f} s)")
+
+
+@main.command()
+@click.argument("experiment", type=click.Choice(["truthfulness", "refusal"]))
+@PROFILE_OPTION
+def sweep(experiment: str, profile: str) -> None:
+    """Choose per-model settings for models the original code has none for (the demo models): truthfulness
+    probe_layer / intervene_layer, refusal layer / position / coefficients. Writes the grid to
+    results/<profile>/<experiment>_sweep.zarr (resumable) and prints each choice beside the model table's value;
+    record a changed choice in replication/configs/models.yaml (settings_source: sweep)."""
+    from replication.config import MODEL_TABLE, load_profile
+
+    prof = load_profile(profile)
+    module = importlib.import_module(f"replication.{experiment}")
+    chosen = (module.sweep_settings if experiment == "truthfulness" else module.sweep)(prof)
+    differ = 0
+    for key, settings in chosen.items():
+        recorded = prof.model_spec(key).settings
+        for name, value in settings.items():
+            same = getattr(recorded, name) == value
+            differ += not same
+            click.echo(f"{key:<28} {name:<20} swept {value!s:<10} model table {getattr(recorded, name)!s:<10}"
+                       f"{'' if same else '  <- differs'}")
+    click.echo(f"{differ} setting(s) differ from {MODEL_TABLE}" if differ else "the model table holds these settings")
 
 
 @main.command()
