@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from analysis import knowledge, tables
 from ptr.cli import main
-from replication.config import PROFILE_DIR
+from replication.config import MODEL_TABLE, PROFILE_DIR
 from replication.cubes import open_cube
 
 
@@ -54,3 +54,20 @@ def test_run_refuses_a_cube_from_another_configuration_until_fresh(tiny_data, ti
     (kept,) = (results / "tiny").glob("confidence.stale-*.zarr")
     assert open_cube(kept).read_unit("weights__tiny-llama").sizes["rank"] == 4
     assert open_cube(results / "tiny" / "confidence.zarr").read_unit("weights__tiny-llama").sizes["rank"] == 3
+
+
+def test_sweep_prints_each_choice_beside_the_model_table(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("PTR_DATA_DIR", str(tiny_data))
+    monkeypatch.setenv("PTR_RESULTS_DIR", str(tmp_path))
+    output = CliRunner().invoke(main, ["sweep", "refusal", "--profile", "tiny"])
+    assert output.exit_code == 0, output.output
+    store = open_cube(tmp_path / "tiny" / "refusal_sweep.zarr")
+    lines = output.stdout.splitlines()
+    for key in ("tiny-llama", "tiny-llama-sft"):
+        chosen = store.unit_attrs(f"sweep__{key}")
+        for name in ("refusal_layer", "refusal_apply_layer", "refusal_pos", "refusal_coef_add", "refusal_coef_sub"):
+            (line,) = [line for line in lines if line.split()[:2] == [key, name]]
+            assert line.split()[3] == str(chosen[name])
+    differing = sum("<- differs" in line for line in lines)
+    assert lines[-1] == (f"{differing} setting(s) differ from {MODEL_TABLE}" if differing
+                         else "the model table holds these settings")
