@@ -123,8 +123,10 @@ def report(profile: str, formats: str, engine: str) -> None:
     """Render the report (HTML and PDF) from the profile's cubes to report/_output/<profile>/."""
     from report.render import render_auto
 
-    for fmt, path in render_auto(profile, tuple(f.strip() for f in formats.split(",")), engine=engine).items():
+    paths = render_auto(profile, tuple(f.strip() for f in formats.split(",")), engine=engine)
+    for fmt, path in paths.items():
         click.echo(f"{fmt}: {path}")
+    return paths
 
 
 @main.command()
@@ -133,11 +135,13 @@ def report(profile: str, formats: str, engine: str) -> None:
 def audit(profile: str, strict: bool) -> None:
     """Compare every replicated number with the published one (paper profile) or check the paper's claims
     qualitatively (demo, tiny). Writes results/<profile>/audit.{json,md}."""
-    from analysis.audit import run_audit
+    from analysis.audit import run_audit, summary
 
     table, exit_code = run_audit(profile, strict=strict)
     click.echo(table.to_string(index=False))
-    sys.exit(exit_code)
+    if exit_code:
+        sys.exit(exit_code)
+    return summary(table)
 
 
 @main.command()
@@ -145,28 +149,29 @@ def audit(profile: str, strict: bool) -> None:
 @click.pass_context
 def replicate(ctx: click.Context, profile: str) -> None:
     """Everything, in order: data -> post-training -> the four experiments -> report -> audit. Each step is
-    resumable and skips what is already current; a summary with the time per step ends the run."""
+    resumable and skips what is already current; a summary (time per step, report paths, audit counts) ends it."""
     from replication.config import load_profile
+    from replication.paths import results_dir
 
     steps = [("data", data, {"mirror": None})]
     if load_profile(profile).posttrained_models():
         steps.append(("posttrain", posttrain, {}))
     steps += [(f"run {name}", run, {"experiment": name}) for name in EXPERIMENTS]
     steps += [("report", report, {"formats": "html,pdf", "engine": "auto"}), ("audit", audit, {"strict": False})]
-    timings = []
+    timings, outputs = [], {}
     for title, command, kwargs in steps:
         click.secho(f"==> {title}", bold=True)
         start = time.time()
-        try:
-            ctx.invoke(command, profile=profile, **kwargs)
-        except SystemExit as exit_:  # audit exits with its code; only --strict makes it non-zero
-            if exit_.code:
-                raise
+        outputs[title] = ctx.invoke(command, profile=profile, **kwargs)
         timings.append((title, time.time() - start))
     click.secho("\nSummary", bold=True)
     for title, seconds in timings:
         click.echo(f"  {title:<20} {seconds:8.1f} s")
     click.echo(f"  {'total':<20} {sum(s for _, s in timings):8.1f} s")
+    for fmt, path in outputs["report"].items():
+        click.echo(f"  report ({fmt}): {path}")
+    counts = ", ".join(f"{n} {status}" for status, n in outputs["audit"].items())
+    click.echo(f"  audit: {counts} ({results_dir(load_profile(profile).name) / 'audit.md'})")
 
 
 if __name__ == "__main__":
