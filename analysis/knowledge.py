@@ -12,6 +12,7 @@ the target model's own map: BASE->POST vs POST ("forward"), POST->BASE vs BASE (
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -41,10 +42,14 @@ class Map:
     columns: list[str]  # column labels: token roles, or knowledge / others / last_token
     knowledge: np.ndarray  # [columns] bool: the knowledge columns
     n_pairs: int
+    # Mean over pairs of logit(' TRUE') - logit(' FALSE') on the TRUE prompt minus on the FALSE prompt: the most a
+    # patch can move. Near 0, the normalised map (20 bins between its min and max) is mostly noise.
+    clean_gap: float = float("nan")
 
     def last(self, n: int) -> Map:
         """The last n columns (maps end with the same suffix tokens, so they are aligned on the last token)."""
-        return Map(self.values[:, -n:], self.columns[-n:], self.knowledge[-n:], self.n_pairs)
+        return dataclasses.replace(self, values=self.values[:, -n:], columns=self.columns[-n:],
+                                   knowledge=self.knowledge[-n:])
 
 
 def original_effects(records: list[dict]) -> np.ndarray:
@@ -83,14 +88,16 @@ def normalize(values: np.ndarray) -> np.ndarray:
 def unit_map(unit: xr.Dataset) -> Map:
     """The map of one cube unit (one source model, target model and dataset)."""
     effects = unit["patch_effect"].values
+    gap = float((unit["true_logit_diff"] - unit["false_logit_diff"]).mean())
     if unit.attrs["map_kind"] == "knowledge_others_last":
         values = knowledge_others_last_map(effects, unit["is_knowledge"].values)
-        return Map(values, ["knowledge", "others", "last_token"], np.array([True, False, False]), effects.shape[0])
+        return Map(values, ["knowledge", "others", "last_token"], np.array([True, False, False]), effects.shape[0],
+                   gap)
     roles = unit["role"].values
     if not (roles == roles[0]).all():
         raise ValueError(f"unit {unit.attrs.get('direction')} {unit['dataset'].item()}: pairs have different token "
                          "roles; such a dataset needs map_kind knowledge_others_last")
-    return Map(mean_map(effects), list(roles[0]), unit["is_knowledge"].values[0], effects.shape[0])
+    return Map(mean_map(effects), list(roles[0]), unit["is_knowledge"].values[0], effects.shape[0], gap)
 
 
 def compare_maps(a: Map, b: Map) -> dict[str, float]:
@@ -139,7 +146,8 @@ def reference_pair(profile_name: str) -> tuple[str, str]:
 
 def comparison_table(profile_name: str, maps: dict[tuple[str, str, str], Map] | None = None) -> pd.DataFrame:
     """One row per (BASE, POST) pair, dataset and comparison (own / forward / backward) whose maps are in the
-    cube, with r, max_diff, max_diff_knowledge and, for the reference pair's own maps, the paper's numbers."""
+    cube, with r, max_diff, max_diff_knowledge, both maps' clean gaps (`Map.clean_gap`) and, for the reference
+    pair's own maps, the paper's numbers."""
     profile = load_profile(profile_name)
     maps = unit_maps(profile_name) if maps is None else maps
     published = load_published().numbers
@@ -155,7 +163,8 @@ def comparison_table(profile_name: str, maps: dict[tuple[str, str, str], Map] | 
                     continue
                 row = {"base": base, "post": post, "dataset": dataset, "comparison": comparison,
                        "map_a": "{}->{}".format(*key_a[:2]), "map_b": "{}->{}".format(*key_b[:2]),
-                       "pairs": maps[key_a].n_pairs, **compare_maps(maps[key_a], maps[key_b])}
+                       "pairs": maps[key_a].n_pairs, **compare_maps(maps[key_a], maps[key_b]),
+                       "clean_gap_a": maps[key_a].clean_gap, "clean_gap_b": maps[key_b].clean_gap}
                 is_paper_row = comparison == "own" and (base, post) == reference
                 for metric in ("pairs", "corr", "max_diff", "max_diff_knowledge"):
                     row[f"paper_{metric}"] = published.get(f"{PUBLISHED}.{metric}.{dataset}") if is_paper_row \

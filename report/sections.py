@@ -217,8 +217,9 @@ def knowledge_table(profile_name: str) -> blocks.Table:
         "BASE": rows["base"], "POST": rows["post"], "dataset": rows["dataset"],
         **{label: [beside(m, p) for m, p in zip(rows[metric], rows[f"paper_{metric}"])]
            for label, metric in (("pairs", "pairs"), ("r", "corr"), ("max diff", "max_diff"),
-                                 ("knowledge max diff", "max_diff_knowledge"))}})
-    return blocks.Table(frame, right=("pairs", "r", "max diff", "knowledge max diff"))
+                                 ("knowledge max diff", "max_diff_knowledge"))},
+        "clean gap BASE / POST": [f"{a:.2f} / {b:.2f}" for a, b in zip(rows["clean_gap_a"], rows["clean_gap_b"])]})
+    return blocks.Table(frame, right=("pairs", "r", "max diff", "knowledge max diff", "clean gap BASE / POST"))
 
 
 @needs("knowledge")

@@ -191,6 +191,9 @@ def test_analysis_tables_and_audit_keys(cube, tiny_profile):
     assert numbers["knowledge_causal_tracing.corr.cities"] == cities["corr"]
     assert numbers["knowledge_causal_tracing.pairs.larger_than"] == 3
     assert cities["paper_corr"] == 0.9923  # the paper's number beside the reference pair's row
+    base_unit = open_cube(cube).read_unit("tiny-llama__tiny-llama__cities")  # the clean gap: TRUE run minus FALSE run
+    expected_gap = float(np.mean(base_unit["true_logit_diff"].values - base_unit["false_logit_diff"].values))
+    assert cities["clean_gap_a"] == pytest.approx(expected_gap) and cities["map_a"] == "tiny-llama->tiny-llama"
     assert set(numbers) >= {f"knowledge_causal_tracing.figure1a_larger_than_base_minus_post.{k}"
                             for k in ("subject_max_diff", "object_max_diff", "last_token_max_diff")}
     audited = audit(tiny_profile.name, numbers)  # every key is one the audit knows
