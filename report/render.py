@@ -43,7 +43,7 @@ PRIORITY = {
 KINDS = {"fig": "Figure", "tbl": "Table"}
 CROSS_REF = re.compile(r"(?<![\w@])@((?:fig|tbl)-[\w-]*\w)")
 CSS = REPORT_DIR / "fallback.css"
-TYPST_HEADER = REPORT_DIR / "fallback-header.typ"
+TYPST_HEADER = REPORT_DIR / "typst-header.typ"
 PANDOC_ARGS = ["--standalone", "--toc", "--metadata=toc-title:Contents"]
 
 
@@ -235,8 +235,10 @@ def render(profile: str, formats=FORMATS, out_dir: Path | None = None) -> dict[s
                     "--variable=document-css:true"])
             else:
                 typ = build / "report.typ"
+                # --columns=1000: pandoc gives typst auto column widths (fit to content, wrapping) instead of fixed
+                # fractions from the pipe table's dashes, which let long cells overflow into their neighbours.
                 pypandoc.convert_text(markdown, "typst", format="markdown", outputfile=str(typ), extra_args=[
-                    *PANDOC_ARGS, f"--include-in-header={TYPST_HEADER}", "--variable=papersize:a4"])
+                    *PANDOC_ARGS, f"--include-in-header={TYPST_HEADER}", "--variable=papersize:a4", "--columns=1000"])
                 typst.compile(str(typ), output=str(target))
         outputs[fmt] = target
     return outputs

@@ -188,7 +188,8 @@ def knowledge_maps(profile_name: str):
         difference = knowledge.normalize(a.values) - knowledge.normalize(b.values)
         panels += [_map_panel(a, f"{dataset}: BASE"), _map_panel(b, f"{dataset}: {role_of(profile_name, post)}"),
                    _map_panel(a, f"{dataset}: BASE − {role_of(profile_name, post)}", difference)]
-    return grid(panels, 3, pair_title(profile_name, base, post), legend_below=True) if panels else None
+    # Two datasets a row: the figure is as wide as the page and short enough to stay on one with its caption.
+    return grid(panels, 6, pair_title(profile_name, base, post), legend_below=True) if panels else None
 
 
 @needs("knowledge")
@@ -201,7 +202,7 @@ def knowledge_cross_maps(profile_name: str):
     for dataset in _knowledge_datasets(profile_name, maps, ((base, post), (post, base))):
         panels += [_map_panel(maps[base, post, dataset], f"{dataset}: forward, BASE → {post_role}"),
                    _map_panel(maps[post, base, dataset], f"{dataset}: backward, {post_role} → BASE")]
-    return grid(panels, 2, pair_title(profile_name, base, post), legend_below=True) if panels else None
+    return grid(panels, 4, pair_title(profile_name, base, post), legend_below=True) if panels else None
 
 
 def _comparison_rows(profile_name: str, comparisons: tuple[str, ...]) -> pd.DataFrame:
