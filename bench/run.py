@@ -16,7 +16,9 @@ from pathlib import Path
 
 import click
 
+from replication.cubes import now
 from replication.paths import REPO_ROOT
+from replication.provenance import git_commit
 
 # Arguments per experiment and profile: the knowledge bench takes a model shape; the others a profile.
 BENCH_ARGS = {
@@ -58,7 +60,8 @@ def markdown(results: dict) -> str:
         else:
             yield prefix.rstrip("."), value
 
-    lines = [f"# Benchmarks on {results['device']} (profile {results['profile']})", ""]
+    lines = [f"# Benchmarks on {results['device']} (profile {results['profile']})", "",
+             f"Commit {results['git_commit']}, started {results['started_at']}.", ""]
     for experiment, report in results["experiments"].items():
         lines += [f"## {experiment}", "", "| quantity | value |", "|---|---|"]
         lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
@@ -72,7 +75,8 @@ def markdown(results: dict) -> str:
 @click.option("--only", default=",".join(BENCH_ARGS), show_default=True, help="Comma-separated experiments.")
 def main(profile: str, only: str) -> None:
     """Run the benchmarks and write results/bench/<device>.{json,md}."""
-    results = {"device": device_name(), "profile": profile, "experiments": {}}
+    results = {"device": device_name(), "profile": profile, "git_commit": git_commit(), "started_at": now(),
+               "experiments": {}}
     for experiment in only.split(","):
         click.echo(f"bench {experiment} ({profile}) ...")
         results["experiments"][experiment] = run_one(experiment, BENCH_ARGS[experiment][profile])
