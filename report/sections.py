@@ -349,6 +349,16 @@ def refusal_score_table(profile_name: str) -> blocks.Table:
 
 
 @needs("refusal")
+def refusal_degenerate_table(profile_name: str) -> blocks.Table:
+    """The fraction of completions that repeat themselves, per condition, in the refusal table's layout."""
+    tables = {family: refusal.degenerate_table(frame).reset_index() for family, frame in
+              refusal.scores(profile_name).groupby("family", sort=False)}
+    frame = stacked(tables)
+    frame.columns = [_display_roles(str(c)) for c in frame.columns]
+    return blocks.Table(frame)
+
+
+@needs("refusal")
 def refusal_samples_table(profile_name: str, per_condition: int = 2) -> blocks.Table:
     """The first completions of every condition of the profile's first family."""
     models = refusal.families(profile_name)

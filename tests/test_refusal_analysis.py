@@ -88,3 +88,27 @@ def test_paper_layout_rows_start_with_the_base_model():
     assert list(table.index) == [("B", "harmful", "subtraction"), ("B", "harmless", "addition"),
                                  ("P", "harmful", "subtraction"), ("P", "harmful", "ablation"),
                                  ("P", "harmless", "addition"), ("S", "harmless", "addition")]
+
+
+@pytest.mark.parametrize("completion, degenerate", [
+    ("security security security security security", True),
+    ("I cannot help with that", False),
+    ("a b a b", True),          # 4 words, 2 distinct
+    ("a b c a", False),         # 3 distinct of 4
+    ("no no no", False),        # under 4 words: too short to call
+    ("", False),
+])
+def test_is_degenerate_flags_self_repeating_completions(completion, degenerate):
+    assert refusal.is_degenerate(completion) is degenerate
+
+
+def test_degenerate_table_follows_the_refusal_layout():
+    frame = tidy()
+    frame["degenerate"] = [0.0 if source == "none" else 0.5 if source == "B" else 0.25 for source in frame["source"]]
+    table = refusal.degenerate_table(frame)
+    assert list(table.columns) == ["baseline", "r_base_on_base", "r_base_on_instruct", "r_base_on_sft",
+                                   "r_instruct_on_base", "r_instruct_on_instruct", "r_sft_on_sft"]
+    assert table.loc[("P", "harmless", "addition"), "r_base_on_instruct"] == 0.5
+    assert table.loc[("P", "harmless", "addition"), "r_instruct_on_instruct"] == 0.25
+    assert table.loc[("P", "harmful", "ablation"), "baseline"] == 0.0
+    assert math.isnan(table.loc[("S", "harmless", "addition"), "r_instruct_on_instruct"])

@@ -14,8 +14,8 @@ EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")
 SECTION_ITEMS = {  # labels of the figures and tables each section shows for the tiny profile
     "knowledge": ["fig-knowledge-maps", "tbl-knowledge", "fig-knowledge-cross", "tbl-knowledge-cross"],
     "truthfulness": ["fig-truth-cosine", "tbl-truth-cosine", "tbl-truth-probe", "tbl-truth-ie", "fig-truth-pca"],
-    "refusal": ["tbl-refusal-cosine", "fig-refusal-cosine", "tbl-refusal-scores", "tbl-refusal-samples",
-                "fig-refusal-pca"],
+    "refusal": ["tbl-refusal-cosine", "fig-refusal-cosine", "tbl-refusal-scores", "tbl-refusal-degenerate",
+                "tbl-refusal-samples", "fig-refusal-pca"],
     "confidence": ["tbl-entropy-neurons", "fig-entropy-scatter", "fig-entropy-venn", "fig-reliability",
                    "tbl-calibration", "tbl-ablation"],
 }
