@@ -12,30 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
 import time
 
-from pathlib import Path
-
 import torch
 
+from bench.common import in_child, reset_peak_memory, status_mib
 from replication import confidence as conf
-
-PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
 def per_neuron_logit_var(W_out: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
     """The slow obvious LogitVar: one neuron's cosines with every unembedding column at a time."""
     column_norms = W_U.norm(dim=0)
     return torch.stack([((w @ W_U) / (w.norm() * column_norms)).var() for w in W_out])
-
-
-def _status_mib(field: str) -> float:
-    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak resident), in MiB."""
-    line = next(l for l in PROC_STATUS.read_text().splitlines() if l.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
 
 
 def _weights(profile_name: str):
@@ -54,32 +44,22 @@ def _timed(profile_name: str, method: str, n_neurons: int | None, queue) -> None
     W_out = W_out[:n_neurons] if n_neurons else W_out
     compute = conf.logit_var if method == "vectorised" else per_neuron_logit_var
     compute(W_out[:2], W_U)  # warm-up: first-call set-up is not part of the method's cost
-    PROC_CLEAR_REFS.write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
-    rss_before = _status_mib("VmRSS")
+    reset_peak_memory()
+    rss_before = status_mib("VmRSS")
     start = time.perf_counter()
     values = compute(W_out, W_U)
     seconds = time.perf_counter() - start
-    rss_after = _status_mib("VmHWM")
+    rss_after = status_mib("VmHWM")
     queue.put({"model": key, "method": method, "neurons": W_out.shape[0], "d_model": W_out.shape[1],
                "d_vocab": W_U.shape[1], "seconds": seconds, "peak_added_mib": rss_after - rss_before,
                "values": values.tolist()})
 
 
-def _in_child(*args) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_timed, args=(*args, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
-
-
 def run(profile_name: str, loop_neurons: int = 128) -> dict:
     """Timings of the vectorised LogitVar (all neurons, and the loop's subset) and of the per-neuron loop."""
-    full = _in_child(profile_name, "vectorised", None)
-    subset = _in_child(profile_name, "vectorised", loop_neurons)
-    loop = _in_child(profile_name, "loop", loop_neurons)
+    full = in_child(_timed, profile_name, "vectorised", None)
+    subset = in_child(_timed, profile_name, "vectorised", loop_neurons)
+    loop = in_child(_timed, profile_name, "loop", loop_neurons)
     agree = torch.allclose(torch.tensor(subset["values"]), torch.tensor(loop["values"]), rtol=1e-4, atol=0)
     return {
         "model": full["model"], "d_mlp": full["neurons"], "d_model": full["d_model"], "d_vocab": full["d_vocab"],

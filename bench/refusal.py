@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import resource
 import sys
 import time
 
 import torch
+
+from bench.common import in_child
 
 N_DIRECTION = 32  # train instructions of each kind for the benchmark's direction
 
@@ -62,20 +63,10 @@ def _timed(profile_name: str, key: str | None, n_prompts: int, batch_size: int, 
                "completions": completions})
 
 
-def _in_child(*args) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_timed, args=(*args, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
-
-
 def run(profile_name: str, key: str | None = None, n_prompts: int = 32, batch_size: int = 16,
         max_new_tokens: int = 16) -> dict:
-    batched = _in_child(profile_name, key, n_prompts, batch_size, max_new_tokens)
-    single = _in_child(profile_name, key, n_prompts, 1, max_new_tokens)
+    batched = in_child(_timed, profile_name, key, n_prompts, batch_size, max_new_tokens)
+    single = in_child(_timed, profile_name, key, n_prompts, 1, max_new_tokens)
     same = [a == b for a, b in zip(batched["completions"], single["completions"])]
     return {
         "model": batched["model"], "device": batched["device"], "prompts": n_prompts,

@@ -12,7 +12,6 @@ import json
 import platform
 import subprocess
 import sys
-from pathlib import Path
 
 import click
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from bench.common import in_child, reset_peak_memory, status_mib
 from replication import truthfulness as tr
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-2}  # batching changes rounding only
@@ -58,30 +57,14 @@ def _timed(profile_name: str, step: str, batched: bool, n_statements: int, n_pro
                                            shifts=shifts[:len(texts)])
 
     compute(items[:2])  # warm-up: first-call set-up is not part of the method's cost
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark to the current resident set
-    rss_before = _memory_mib("VmRSS")
+    reset_peak_memory()
+    rss_before = status_mib("VmRSS")
     start = time.perf_counter()
     values = compute(items)
     seconds = time.perf_counter() - start
     queue.put({"model": key, "step": step, "batch_size": batch_size, "items": len(items), "seconds": seconds,
-               "items_per_s": len(items) / seconds, "peak_added_mib": _memory_mib("VmHWM") - rss_before,
+               "items_per_s": len(items) / seconds, "peak_added_mib": status_mib("VmHWM") - rss_before,
                "values": values.tolist()})
-
-
-def _memory_mib(field: str) -> float:
-    """A memory figure of this process from /proc/self/status (VmRSS: resident now, VmHWM: peak resident)."""
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
-    return int(line.split()[1]) / 1024
-
-
-def _in_child(*args) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_timed, args=(*args, queue))
-    process.start()
-    result = queue.get()
-    process.join()
-    return result
 
 
 def run(profile_name: str, n_statements: int = 100, n_prompts: int = 24) -> dict:
@@ -92,8 +75,8 @@ def run(profile_name: str, n_statements: int = 100, n_prompts: int = 24) -> dict
     dtype = load_profile(profile_name).dtype
     report = {"threads": torch.get_num_threads(), "dtype": dtype}
     for step in ("activations", "intervention"):
-        batched = _in_child(profile_name, step, True, n_statements, n_prompts)
-        loop = _in_child(profile_name, step, False, n_statements, n_prompts)
+        batched = in_child(_timed, profile_name, step, True, n_statements, n_prompts)
+        loop = in_child(_timed, profile_name, step, False, n_statements, n_prompts)
         batched_values, loop_values = torch.tensor(batched["values"]), torch.tensor(loop["values"])
         difference, largest = (batched_values - loop_values).abs().max().item(), loop_values.abs().max().item()
         if difference > TOLERANCE[dtype] * largest:
