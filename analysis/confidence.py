@@ -83,11 +83,9 @@ def wu_choice_table(profile_name: str) -> pd.DataFrame:
     raw lm_head weights."""
     store = cube(profile_name)
     rows = []
-    for name in store.unit_names():
-        if name.startswith("weights__"):
-            ds = store.read_unit(name)
-            rows.append({"model": ds.attrs["model"], "shared_tl_raw": int(ds.variant_overlap),
-                         "of": ds.sizes["rank"]})
+    for ds in store.read_units("weights").values():
+        rows.append({"model": ds.attrs["model"], "shared_tl_raw": int(ds.variant_overlap),
+                     "of": ds.sizes["rank"]})
     return pd.DataFrame(rows).set_index("model")
 
 
@@ -96,14 +94,12 @@ def scatter_data(profile_name: str, wu: str = PAPER_WU) -> pd.DataFrame:
     marked, plus the norm threshold of the selection."""
     store = cube(profile_name)
     frames = []
-    for name in store.unit_names():
-        if name.startswith("weights__"):
-            ds = store.read_unit(name)
-            selected = set(ds.selected.sel(wu=wu).values.tolist())
-            frames.append(pd.DataFrame({
-                "model": ds.attrs["model"], "neuron": ds.neuron.values, "norm": ds.norm.values,
-                "logit_var": ds.logit_var.sel(wu=wu).values, "norm_threshold": float(ds.norm_threshold),
-                "entropy_neuron": [n in selected for n in ds.neuron.values.tolist()]}))
+    for ds in store.read_units("weights").values():
+        selected = set(ds.selected.sel(wu=wu).values.tolist())
+        frames.append(pd.DataFrame({
+            "model": ds.attrs["model"], "neuron": ds.neuron.values, "norm": ds.norm.values,
+            "logit_var": ds.logit_var.sel(wu=wu).values, "norm_threshold": float(ds.norm_threshold),
+            "entropy_neuron": [n in selected for n in ds.neuron.values.tolist()]}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -145,13 +141,11 @@ def calibration_table(profile_name: str) -> pd.DataFrame:
     """Per model and dataset: statements, accuracy, mean confidence, ECE and mean next-token entropy."""
     store = cube(profile_name)
     rows = []
-    for name in store.unit_names():
-        if name.startswith("outputs__"):
-            ds = store.read_unit(name)
-            rows.append({"model": ds.attrs["model"], "dataset": ds.attrs["dataset"],
-                         "n": ds.sizes["statement"], "accuracy": float(ds.accuracy),
-                         "mean_confidence": float(ds.mean_confidence), "ece": float(ds.ece),
-                         "mean_entropy": float(ds.mean_entropy)})
+    for ds in store.read_units("outputs").values():
+        rows.append({"model": ds.attrs["model"], "dataset": ds.attrs["dataset"],
+                     "n": ds.sizes["statement"], "accuracy": float(ds.accuracy),
+                     "mean_confidence": float(ds.mean_confidence), "ece": float(ds.ece),
+                     "mean_entropy": float(ds.mean_entropy)})
     return pd.DataFrame(rows).set_index(["model", "dataset"])
 
 
@@ -171,13 +165,11 @@ def reliability_data(profile_name: str) -> pd.DataFrame:
     """Reliability curves: per model, dataset and confidence bin, the count, mean confidence and accuracy."""
     store = cube(profile_name)
     frames = []
-    for name in store.unit_names():
-        if name.startswith("outputs__"):
-            ds = store.read_unit(name)
-            frames.append(pd.DataFrame({
-                "model": ds.attrs["model"], "dataset": ds.attrs["dataset"], "bin_lower": ds.bin_lower.values,
-                "bin_upper": ds.bin_upper.values, "count": ds.bin_count.values,
-                "mean_confidence": ds.bin_confidence.values, "accuracy": ds.bin_accuracy.values}))
+    for ds in store.read_units("outputs").values():
+        frames.append(pd.DataFrame({
+            "model": ds.attrs["model"], "dataset": ds.attrs["dataset"], "bin_lower": ds.bin_lower.values,
+            "bin_upper": ds.bin_upper.values, "count": ds.bin_count.values,
+            "mean_confidence": ds.bin_confidence.values, "accuracy": ds.bin_accuracy.values}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -187,13 +179,11 @@ def ablation_table(profile_name: str) -> pd.DataFrame:
     as many high-norm neurons."""
     store = cube(profile_name)
     rows = []
-    for name in store.unit_names():
-        if name.startswith("ablation__"):
-            ds = store.read_unit(name)
-            rows.append({"model": ds.attrs["model"], "dataset": ds.attrs["dataset"],
-                         **{f"delta_entropy_{g}": float(ds.delta_entropy.sel(group=g)) for g in ds.group.values},
-                         **{f"delta_confidence_{g}": float(ds.delta_confidence.sel(group=g))
-                            for g in ds.group.values}})
+    for ds in store.read_units("ablation").values():
+        rows.append({"model": ds.attrs["model"], "dataset": ds.attrs["dataset"],
+                     **{f"delta_entropy_{g}": float(ds.delta_entropy.sel(group=g)) for g in ds.group.values},
+                     **{f"delta_confidence_{g}": float(ds.delta_confidence.sel(group=g))
+                        for g in ds.group.values}})
     return pd.DataFrame(rows).set_index(["model", "dataset"])
 
 

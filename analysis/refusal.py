@@ -35,15 +35,10 @@ def cube(profile_name: str) -> CubeStore:
     return open_cube(results_dir(profile_name) / f"{EXPERIMENT}.zarr")
 
 
-def _units(store: CubeStore, kind: str) -> dict[str, xr.Dataset]:
-    """Finished units named '<kind>__...', by name."""
-    return {name: store.read_unit(name) for name in store.unit_names() if name.split("__")[0] == kind}
-
-
 def families(profile_name: str) -> pd.DataFrame:
     """One row per model: family, model, role, refusal_layer, refusal_pos (base first within a family)."""
     rows = []
-    for name, unit in _units(cube(profile_name), "family").items():
+    for name, unit in cube(profile_name).read_units("family").items():
         for model in unit["model"].values:
             row = unit.sel(model=model)
             rows.append({"family": name.split("__")[1], "model": model, "role": str(row["role"].values),
@@ -64,7 +59,7 @@ def scores(profile_name: str) -> pd.DataFrame:
     intervention 'none' for the baseline."""
     models = families(profile_name).set_index("model")
     rows = []
-    for unit in _units(cube(profile_name), "generation").values():
+    for unit in cube(profile_name).read_units("generation").values():
         a = unit.attrs
         rows.append({"family": models.loc[a["target"], "family"], "target": a["target"], "source": a["source"],
                      "target_role": models.loc[a["target"], "role"],
@@ -136,7 +131,7 @@ def direction_cosines(profile_name: str) -> pd.DataFrame:
     settings), and the cosine of the authors' shipped Llama-3.1-8B directions for the same roles."""
     published = load_published().numbers
     rows = []
-    for name, unit in _units(cube(profile_name), "family").items():
+    for name, unit in cube(profile_name).read_units("family").items():
         roles = dict(zip(unit["model"].values, unit["role"].values))
         models = list(unit["model_a"].values)
         for i, a in enumerate(models):
@@ -156,7 +151,7 @@ def cosine_by_layer(profile_name: str) -> pd.DataFrame:
     """Tidy (figure): family, layer, model_a, model_b, cosine of the directions at every block (each model at its
     refusal_pos)."""
     frames = [unit["cosine_by_layer"].to_dataframe(name="cosine").reset_index().assign(family=name.split("__")[1])
-              for name, unit in _units(cube(profile_name), "family").items()]
+              for name, unit in cube(profile_name).read_units("family").items()]
     return pd.concat(frames, ignore_index=True)[["family", "layer", "model_a", "model_b", "cosine"]]
 
 
@@ -164,7 +159,7 @@ def pca_data(profile_name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Figure 1c: (points: family, model, kind, instruction, pc1, pc2; arrows: family, model, direction_model,
     pc1, pc2 of the unit refusal directions, explained variance of pc1 and pc2)."""
     points, arrows = [], []
-    for name, unit in _units(cube(profile_name), "family").items():
+    for name, unit in cube(profile_name).read_units("family").items():
         family = name.split("__")[1]
         coords = unit["pca_coordinates"].to_dataframe().reset_index()
         wide = coords.pivot_table(index=["model", "kind", "instruction"], columns="component",
@@ -184,7 +179,7 @@ def sample_completions(profile_name: str, n: int = 3) -> pd.DataFrame:
     """The first n completions of every condition: target, source, intervention, dataset, instruction,
     completion, refusal."""
     rows = []
-    for unit in _units(cube(profile_name), "generation").values():
+    for unit in cube(profile_name).read_units("generation").values():
         a = unit.attrs
         for i in range(min(n, unit.sizes["instruction"])):
             rows.append({"target": a["target"], "source": a["source"], "intervention": a["intervention"],

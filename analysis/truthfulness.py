@@ -34,8 +34,7 @@ def cube(profile_name: str) -> CubeStore:
 
 def _units(store: CubeStore, kind: str) -> dict[tuple[str, ...], object]:
     """Finished units named '<kind>__a__b...', keyed by the name's parts after the kind."""
-    return {tuple(name.split("__")[1:]): store.read_unit(name) for name in store.unit_names()
-            if name.split("__")[0] == kind}
+    return {tuple(name.split("__")[1:]): unit for name, unit in store.read_units(kind).items()}
 
 
 def families(profile_name: str) -> pd.DataFrame:

@@ -103,8 +103,10 @@ class CubeStore:
         ds.attrs.pop(COMPLETE_ATTR, None)
         return ds
 
-    def read_units(self) -> dict[str, xr.Dataset]:
-        return {name: self.read_unit(name) for name in self.unit_names()}
+    def read_units(self, kind: str | None = None) -> dict[str, xr.Dataset]:
+        """Finished units by name; with `kind`, only those named '<kind>__...'."""
+        return {name: self.read_unit(name) for name in self.unit_names()
+                if kind is None or name.split("__")[0] == kind}
 
 
 def _variable_length_strings(dataset: xr.Dataset) -> xr.Dataset:

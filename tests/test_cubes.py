@@ -116,3 +116,11 @@ def test_a_cube_without_finished_units_takes_the_new_configuration(tmp_path):
     path = tmp_path / "refusal.zarr"
     CubeStore(path, provenance={"experiment_hash": "a" * 64})
     assert CubeStore(path, provenance={"experiment_hash": "b" * 64}).attrs["experiment_hash"] == "b" * 64
+
+
+def test_read_units_of_one_kind(tmp_path):
+    store = CubeStore(tmp_path / "c.zarr", provenance={"seed": 1})
+    for name in ("weights__a", "weights__b", "outputs__a__cities", "weightsx__c"):
+        store.write_unit(name, xr.Dataset({"v": ("i", np.arange(2.0))}))
+    assert list(store.read_units("weights")) == ["weights__a", "weights__b"]
+    assert len(store.read_units()) == 4 and list(store.read_units("outputs")) == ["outputs__a__cities"]
