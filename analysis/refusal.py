@@ -70,6 +70,36 @@ def scores(profile_name: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def transfer_curves(profile_name: str) -> pd.DataFrame:
+    """Beyond the paper: per target model and direction source, the refusal score and degenerate fraction on the
+    harmless instructions against the fraction of the addition coefficient: 0 (the unsteered baseline), the curve
+    units' scales, and 1 (the addition condition). Empty when the profile has no transfer_scales."""
+    store = cube(profile_name)
+    curve = list(store.read_units("curve").values())
+    if not curve:
+        return pd.DataFrame()
+    harmless = [u for u in store.read_units("generation").values() if u.attrs["dataset"] == "harmless"]
+    models = families(profile_name).set_index("model")
+    sources = {(u.attrs["target"], u.attrs["source"]) for u in curve}
+    rows = []
+    for unit in curve + [u for u in harmless if u.attrs["intervention"] == "addition"]:
+        a = unit.attrs
+        if (a["target"], a["source"]) in sources:
+            rows.append(_curve_point(unit, models, a["source"], a.get("scale", 1.0)))
+    for unit in (u for u in harmless if u.attrs["source"] == "none"):  # each curve starts at the baseline
+        rows += [_curve_point(unit, models, source, 0.0) for target, source in sources
+                 if target == unit.attrs["target"]]
+    return pd.DataFrame(rows).sort_values(["target", "source", "scale"], ignore_index=True)
+
+
+def _curve_point(unit: xr.Dataset, models: pd.DataFrame, source: str, scale: float) -> dict:
+    target = unit.attrs["target"]
+    return {"family": models.loc[target, "family"], "target": target, "target_role": models.loc[target, "role"],
+            "source": source, "source_role": models.loc[source, "role"], "scale": float(scale),
+            "coef": unit.attrs["coef"], "refusal_score": float(unit["refusal_score"]),
+            "degenerate": float(np.mean([is_degenerate(str(c)) for c in unit["completion"].values]))}
+
+
 def degenerate_table(tidy: pd.DataFrame) -> pd.DataFrame:
     """The `scores` frame's degenerate fractions in the refusal table's layout: rows (model, dataset,
     intervention), columns baseline and r_X_on_Y."""
@@ -194,6 +224,10 @@ def tables(profile_name: str) -> dict[str, pd.DataFrame]:
     result = {f"Refusal: refusal score, {family}": table
               for family, table in refusal_score_tables(scores(profile_name)).items()}
     result["Refusal: fraction of degenerate (self-repeating) completions"] = degenerate_table(scores(profile_name))
+    curves = transfer_curves(profile_name)
+    if not curves.empty:
+        result["Refusal: transfer curves, addition at fractions of the coefficient (beyond the paper)"] = \
+            curves.pivot_table(index=["target", "source", "scale"], values=["refusal_score", "degenerate"], sort=False)
     result["Refusal: cosine of the refusal directions"] = direction_cosines(profile_name)
     return result
 

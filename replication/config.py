@@ -181,6 +181,10 @@ class RefusalSettings:
     # False: keep generating after an end-of-sequence token and keep the text decoded after it, as the original
     # (whose loop always runs max_new_tokens steps); True: a completion ends at its first end token.
     stop_at_eos: bool = True
+    # Beyond the paper: fractions of the addition coefficient at which every direction is also added to each model
+    # on the harmless test instructions (a transfer curve; 1.0 is the addition condition itself). It tells a
+    # direction that does not transfer from one whose full-strength addition breaks generation.
+    transfer_scales: tuple[float, ...] = ()
     families: Optional[tuple[str, ...]] = None
     batch_size: Optional[int] = None
 

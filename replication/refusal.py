@@ -31,6 +31,8 @@ Cube ``results/<profile>/refusal.zarr``, resumable per unit:
   positions), and the 2-D PCA of each model's activations with every direction projected (Figure 1c).
 * ``generation__<target>__<source>__<intervention>__<dataset>``: every completion, its refusal flag and the
   refusal score of one condition; source and intervention are "none" for the unsteered baseline.
+* ``curve__<target>__<source>__<scale>``: the same for one point of a transfer curve (beyond the paper): the
+  source's direction added to the target on the harmless instructions at `scale` x the addition coefficient.
 
 `sweep(profile)` chooses refusal_layer / refusal_pos / coefficients for models without the original's settings
 (the demo models), writing its grid to ``results/<profile>/refusal_sweep.zarr``.
@@ -197,14 +199,18 @@ def family_unit(units: dict[str, xr.Dataset]) -> xr.Dataset:
 
 @dataclass(frozen=True)
 class Condition:
-    """Generation on `target` of the `dataset` test instructions, steered by `source`'s direction (or not)."""
+    """Generation on `target` of the `dataset` test instructions, steered by `source`'s direction (or not), at
+    `scale` times the intervention's coefficient (None: the condition of the paper's table, scale 1)."""
     target: str
     source: str
     intervention: str
     dataset: str
+    scale: float | None = None
 
     @property
     def unit(self) -> str:
+        if self.scale is not None:  # a point of a transfer curve
+            return f"curve__{self.target}__{self.source}__{self.scale:g}"
         return f"generation__{self.target}__{self.source}__{self.intervention}__{self.dataset}"
 
 
@@ -216,10 +222,14 @@ def partners(profile: Profile, key: str) -> list[str]:
 
 
 def conditions(profile: Profile, target: str) -> list[Condition]:
-    """The baselines of `target`, then each steered condition with its own direction and each partner's."""
+    """The baselines of `target`, then each steered condition with its own direction and each partner's, then the
+    transfer-curve points (addition on harmless instructions at the profile's transfer_scales other than 1)."""
+    sources = [target, *partners(profile, target)]
     baselines = [Condition(target, NONE, NONE, kind) for kind in KINDS]
+    curve = [Condition(target, source, "addition", "harmless", scale) for source in sources
+             for scale in profile.experiment(EXPERIMENT).transfer_scales if scale != 1.0]
     return baselines + [Condition(target, source, intervention, dataset)
-                        for source in [target, *partners(profile, target)] for intervention, dataset in STEERED]
+                        for source in sources for intervention, dataset in STEERED] + curve
 
 
 def coefficient(profile: Profile, condition: Condition) -> float:
@@ -229,7 +239,8 @@ def coefficient(profile: Profile, condition: Condition) -> float:
         return 0.0
     steered = profile.model_spec(condition.target)
     owner = steered if steered.settings.refusal_coef_of == "steered_model" else profile.model_spec(condition.source)
-    return owner.settings.refusal_coef_add if condition.intervention == "addition" else owner.settings.refusal_coef_sub
+    coef = owner.settings.refusal_coef_add if condition.intervention == "addition" else owner.settings.refusal_coef_sub
+    return coef if condition.scale is None else condition.scale * coef
 
 
 def condition_steering(profile: Profile, condition: Condition, direction: torch.Tensor | None) -> Steering | None:
@@ -304,7 +315,8 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
                                    progress=progress)
             store.write_unit(condition.unit, unit.assign_attrs(target=condition.target, source=condition.source,
                                                                intervention=condition.intervention,
-                                                               dataset=condition.dataset))
+                                                               dataset=condition.dataset,
+                                                               scale=1.0 if condition.scale is None else condition.scale))
         del model
         release()
     store.update_attrs(finished_at=now())

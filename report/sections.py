@@ -359,6 +359,31 @@ def refusal_degenerate_table(profile_name: str) -> blocks.Table:
 
 
 @needs("refusal")
+def refusal_transfer_chart(profile_name: str):
+    """Beyond the paper: refusal score (solid) and degenerate fraction (dashed) on the harmless instructions as
+    each direction is added at growing fractions of the addition coefficient; one panel per steered model."""
+    curves = refusal.transfer_curves(profile_name)
+    if curves.empty:
+        return None
+    curves = curves.assign(
+        direction=[f"{ROLE.get(r, r)}'s direction" for r in curves["source_role"]],
+        model=[named(profile_name, t) for t in curves["target"]])
+    long = curves.melt(id_vars=["model", "direction", "scale", "coef"], value_vars=["refusal_score", "degenerate"],
+                       var_name="measure", value_name="fraction")
+    long["measure"] = long["measure"].map({"refusal_score": "refusal score", "degenerate": "degenerate"})
+    chart = alt.Chart(long).mark_line(point=True).encode(
+        x=alt.X("scale:Q", title="fraction of the addition coefficient"),
+        y=alt.Y("fraction:Q", scale=alt.Scale(domain=[0, 1]), title="fraction of completions"),
+        color=alt.Color("direction:N", title="direction added"),
+        strokeDash=alt.StrokeDash("measure:N", title="measure", sort=["refusal score", "degenerate"]),
+        tooltip=["model:N", "direction:N", "measure:N", alt.Tooltip("scale:Q", format=".3g"),
+                 alt.Tooltip("coef:Q", format=".4g"), alt.Tooltip("fraction:Q", format=".2f")])
+    return chart.properties(width=220, height=160).facet(
+        column=alt.Column("model:N", title=None)).properties(
+        title=f"Profile {profile_name}: refusal directions added at growing strength (harmless instructions)")
+
+
+@needs("refusal")
 def refusal_samples_table(profile_name: str, per_condition: int = 2) -> blocks.Table:
     """The first completions of every condition of the profile's first family."""
     models = refusal.families(profile_name)

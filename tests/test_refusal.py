@@ -100,7 +100,7 @@ def tiny_pair(tmp_path_factory):
                     "experiments:\n"
                     "  knowledge: {datasets: [cities], max_pairs: 2}\n"
                     "  truthfulness: {datasets: [cities], similarity_datasets: [cities]}\n"
-                    "  refusal: {n_train: 6, n_test: 5, max_new_tokens: 5}\n"
+                    "  refusal: {n_train: 6, n_test: 5, max_new_tokens: 5, transfer_scales: [0.5, 1.0]}\n"
                     "  confidence: {top_norm_fraction: 0.25, n_neurons: 4, datasets: [cities]}\n")
     return load_profile(path, model_table=table)
 
@@ -121,7 +121,10 @@ def test_conditions_pair_each_model_with_its_own_and_its_partners_direction(tiny
         ("tiny-chat", "subtraction", "harmful"), ("tiny-chat", "ablation", "harmful"),
         ("tiny-chat", "addition", "harmless"),
         ("tiny-llama", "subtraction", "harmful"), ("tiny-llama", "ablation", "harmful"),
-        ("tiny-llama", "addition", "harmless")]
+        ("tiny-llama", "addition", "harmless"),
+        ("tiny-chat", "addition", "harmless"), ("tiny-llama", "addition", "harmless")]  # the transfer curve
+    assert [c.scale for c in on_post] == [None] * 8 + [0.5, 0.5]  # scale 1.0 is the addition condition itself
+    assert on_post[-1].unit == "curve__tiny-chat__tiny-llama__0.5"
     assert {c.source for c in refusal.conditions(tiny_pair, "tiny-llama")} == {"none", "tiny-llama", "tiny-chat"}
 
 
@@ -145,10 +148,10 @@ def test_run_writes_directions_cosines_and_every_condition(tiny_run, tiny_pair, 
 
     store = open_cube(tiny_run)
     units = store.unit_names()
-    assert sorted(u for u in units if not u.startswith("generation__")) == [
+    assert sorted(u for u in units if not u.startswith(("generation__", "curve__"))) == [
         "direction__tiny-chat", "direction__tiny-llama", "family__tiny"]
     expected = {c.unit for key in ("tiny-llama", "tiny-chat") for c in refusal.conditions(tiny_pair, key)}
-    assert {u for u in units if u.startswith("generation__")} == expected and len(expected) == 16
+    assert {u for u in units if u.startswith(("generation__", "curve__"))} == expected and len(expected) == 20
     assert store.attrs["experiment"] == "refusal" and "finished_at" in store.attrs
 
     # the direction equals one recomputed prompt by prompt from the same instructions and template
@@ -175,6 +178,12 @@ def test_run_writes_directions_cosines_and_every_condition(tiny_run, tiny_pair, 
                                           steering=steer, progress=False)
     assert list(unit["completion"].values) == completions
     assert list(unit["instruction_text"].values) == test
+    # a transfer-curve point: the same direction at half the coefficient
+    half = dataclasses.replace(steer, coef=0.5)
+    curve = store.read_unit("curve__tiny-chat__tiny-llama__0.5")
+    assert list(curve["completion"].values) == refusal.greedy_generate(
+        model, refusal.prompts(model, spec, test), max_new_tokens=5, steering=half, progress=False)
+    assert (curve.attrs["coef"], curve.attrs["scale"]) == (0.5, 0.5)
     for name in expected:
         unit = store.read_unit(name)
         flags = [is_refusal(c) for c in unit["completion"].values]
@@ -225,6 +234,13 @@ def test_analysis_reads_the_tiny_cube(tiny_run, monkeypatch):
     assert len([k for k in numbers if k.startswith("refusal_intervention_score.")]) == 11
     samples = analysis.sample_completions(name, n=2)
     assert len(samples) == 16 * 2 and set(samples.columns) >= {"instruction", "completion", "refusal"}
+    curves = analysis.transfer_curves(name)  # per (target, source): the baseline, the 0.5 point, the addition
+    assert len(curves) == 2 * 2 * 3 and sorted(set(curves["scale"])) == [0.0, 0.5, 1.0]
+    forward_curve = curves[(curves["target"] == "tiny-chat") & (curves["source"] == "tiny-llama")]
+    baseline = store.read_unit("generation__tiny-chat__none__none__harmless")
+    assert forward_curve["refusal_score"].tolist() == [float(baseline["refusal_score"]), float(
+        store.read_unit("curve__tiny-chat__tiny-llama__0.5")["refusal_score"]), float(forward["refusal_score"])]
+    assert forward_curve["coef"].tolist() == [0.0, 0.5, 1.0]
     points, arrows = analysis.pca_data(name)
     assert len(points) == 2 * 2 * 6 and len(arrows) == 4
     assert arrows[["explained_pc1", "explained_pc2"]].to_numpy().sum(axis=1).max() <= 1 + 1e-6

@@ -15,7 +15,7 @@ SECTION_ITEMS = {  # labels of the figures and tables each section shows for the
     "knowledge": ["fig-knowledge-maps", "tbl-knowledge", "fig-knowledge-cross", "tbl-knowledge-cross"],
     "truthfulness": ["fig-truth-cosine", "tbl-truth-cosine", "tbl-truth-probe", "tbl-truth-ie", "fig-truth-pca"],
     "refusal": ["tbl-refusal-cosine", "fig-refusal-cosine", "tbl-refusal-scores", "tbl-refusal-degenerate",
-                "tbl-refusal-samples", "fig-refusal-pca"],
+                "fig-refusal-transfer", "tbl-refusal-samples", "fig-refusal-pca"],
     "confidence": ["tbl-entropy-neurons", "fig-entropy-scatter", "fig-entropy-venn", "fig-reliability",
                    "tbl-calibration", "tbl-ablation"],
 }
