@@ -113,6 +113,20 @@ def token_heatmap(values: np.ndarray, columns: list[str], outlined, *, title: st
         title=title, width=max(cell_width * n_columns, 110), height=cell_height * n_layers)
 
 
+def pca_arrows(unit, family: str, coordinates: str, explained: str) -> list[dict]:
+    """The arrows of a PCA figure (Figures 1b, 1c): for every model of a cube unit, each direction's coordinates in
+    that model's first two components (variable `coordinates` [model, direction_model, component]) and the
+    variance they explain (variable `explained` [model, component])."""
+    arrows = []
+    for model in unit["model"].values:
+        ratio = unit[explained].sel(model=model).values
+        for direction in unit["direction_model"].values:
+            pc1, pc2 = unit[coordinates].sel(model=model, direction_model=direction).values
+            arrows.append({"family": family, "model": model, "direction_model": direction, "pc1": pc1, "pc2": pc2,
+                           "explained_pc1": ratio[0], "explained_pc2": ratio[1]})
+    return arrows
+
+
 def pca_plane(points: pd.DataFrame, arrows: pd.DataFrame, *, color: str, color_title: str, title: str,
               explained: tuple[float, float], labels: list[str] | None = None, size: int = 210) -> alt.LayerChart:
     """Points (pc1, pc2, `color`) in a model's PCA plane with arrows from the origin for directions (pc1, pc2,

@@ -17,6 +17,7 @@ import pandas as pd
 import xarray as xr
 
 from analysis.audit import load_published
+from analysis.figures import pca_arrows
 from replication.cubes import CubeStore, open_cube
 from replication.paths import results_dir
 
@@ -53,6 +54,11 @@ def is_degenerate(completion: str) -> bool:
     return len(words) >= 4 and len(set(words)) <= len(words) / 2
 
 
+def degenerate_fraction(unit: xr.Dataset) -> float:
+    """The fraction of a generation unit's completions that repeat themselves."""
+    return float(np.mean([is_degenerate(str(c)) for c in unit["completion"].values]))
+
+
 def scores(profile_name: str) -> pd.DataFrame:
     """Tidy: family, target, source, target_role, source_role, intervention, dataset, coef, layer, n,
     refusal_score, degenerate (fraction of completions that repeat themselves, `is_degenerate`); source and
@@ -66,7 +72,7 @@ def scores(profile_name: str) -> pd.DataFrame:
                      "source_role": models["role"].get(a["source"], "none"), "intervention": a["intervention"],
                      "dataset": a["dataset"], "coef": a["coef"], "layer": a["layer"],
                      "n": unit.sizes["instruction"], "refusal_score": float(unit["refusal_score"]),
-                     "degenerate": float(np.mean([is_degenerate(str(c)) for c in unit["completion"].values]))})
+                     "degenerate": degenerate_fraction(unit)})
     return pd.DataFrame(rows)
 
 
@@ -97,7 +103,7 @@ def _curve_point(unit: xr.Dataset, models: pd.DataFrame, source: str, scale: flo
     return {"family": models.loc[target, "family"], "target": target, "target_role": models.loc[target, "role"],
             "source": source, "source_role": models.loc[source, "role"], "scale": float(scale),
             "coef": unit.attrs["coef"], "refusal_score": float(unit["refusal_score"]),
-            "degenerate": float(np.mean([is_degenerate(str(c)) for c in unit["completion"].values]))}
+            "degenerate": degenerate_fraction(unit)}
 
 
 def degenerate_table(tidy: pd.DataFrame) -> pd.DataFrame:
@@ -196,12 +202,7 @@ def pca_data(profile_name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
                                   values="pca_coordinates").reset_index()
         wide.columns = ["model", "kind", "instruction", "pc1", "pc2"]
         points.append(wide.assign(family=family))
-        for model in unit["model"].values:
-            explained = unit["pca_explained_variance_ratio"].sel(model=model).values
-            for direction in unit["direction_model"].values:
-                pc1, pc2 = unit["pca_direction_coordinates"].sel(model=model, direction_model=direction).values
-                arrows.append({"family": family, "model": model, "direction_model": direction, "pc1": pc1,
-                               "pc2": pc2, "explained_pc1": explained[0], "explained_pc2": explained[1]})
+        arrows += pca_arrows(unit, family, "pca_direction_coordinates", "pca_explained_variance_ratio")
     return pd.concat(points, ignore_index=True), pd.DataFrame(arrows)
 
 
@@ -221,9 +222,9 @@ def sample_completions(profile_name: str, n: int = 3) -> pd.DataFrame:
 
 def tables(profile_name: str) -> dict[str, pd.DataFrame]:
     """Every refusal table, by title."""
-    result = {f"Refusal: refusal score, {family}": table
-              for family, table in refusal_score_tables(scores(profile_name)).items()}
-    result["Refusal: fraction of degenerate (self-repeating) completions"] = degenerate_table(scores(profile_name))
+    tidy = scores(profile_name)
+    result = {f"Refusal: refusal score, {family}": table for family, table in refusal_score_tables(tidy).items()}
+    result["Refusal: fraction of degenerate (self-repeating) completions"] = degenerate_table(tidy)
     curves = transfer_curves(profile_name)
     if not curves.empty:
         result["Refusal: transfer curves, addition at fractions of the coefficient (beyond the paper)"] = \

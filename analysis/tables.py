@@ -2,19 +2,18 @@
 is missing or unfinished contributes a one-row note instead of failing the others."""
 from __future__ import annotations
 
+import importlib
+
 import pandas as pd
 
-from analysis import confidence, knowledge, refusal, truthfulness
 from analysis.audit import EXPERIMENTS
-
-MODULES = {"knowledge": knowledge, "truthfulness": truthfulness, "refusal": refusal, "confidence": confidence}
 
 
 def all_tables(profile_name: str) -> dict[str, pd.DataFrame]:
     result = {}
     for experiment in EXPERIMENTS:
         try:
-            result.update(MODULES[experiment].tables(profile_name))
+            result.update(importlib.import_module(f"analysis.{experiment}").tables(profile_name))
         except (FileNotFoundError, KeyError) as error:  # no cube, or a cube without the units a table needs
             fix = f"ptr run {experiment} --profile {profile_name}"
             result[f"{experiment.capitalize()}: not available"] = pd.DataFrame(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.audit import load_published
+from analysis.figures import pca_arrows
 from replication.cubes import CubeStore, open_cube
 from replication.paths import results_dir
 
@@ -177,12 +178,7 @@ def pca_data(profile_name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
         wide = wide.reset_index()
         points.append(wide.assign(family=family, dataset=unit.attrs["dataset"],
                                   label=unit["label"].values[wide["statement"].to_numpy()]))
-        for model in unit["model"].values:
-            explained = unit["explained_variance_ratio"].sel(model=model).values
-            for direction in unit["direction_model"].values:
-                pc1, pc2 = unit["direction_coordinates"].sel(model=model, direction_model=direction).values
-                arrows.append({"family": family, "model": model, "direction_model": direction, "pc1": pc1,
-                               "pc2": pc2, "explained_pc1": explained[0], "explained_pc2": explained[1]})
+        arrows += pca_arrows(unit, family, "direction_coordinates", "explained_variance_ratio")
     return pd.concat(points, ignore_index=True), pd.DataFrame(arrows)
 
 
