@@ -1,7 +1,8 @@
 """The raw source table (sources.yaml) and `fetch`: one verified copy of each raw file in the raw cache.
 
 A file is copied from a local mirror when one is given (argument or PTR_DATA_MIRROR), otherwise downloaded
-from GitHub at the pinned commit. Every file is checked against its size and sha256 before it is used.
+from GitHub at the pinned commit (from the entry's `url` where the raw-file pattern does not serve it, e.g. a Git LFS
+file). Every file is checked against its size and sha256 before it is used.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from data_prep.errors import DataError
 from replication import paths
 
 SOURCES_YAML = Path(__file__).with_name("sources.yaml")
-ROLES = ("truth", "few_shot", "refusal", "artifact")
+ROLES = ("truth", "few_shot", "refusal", "artifact", "tokenizer")
 _REQUIRED_KEYS = {"role", "bytes", "sha256", "repository", "commit", "path"}
-_ALLOWED_KEYS = _REQUIRED_KEYS | {"note"}
+_ALLOWED_KEYS = _REQUIRED_KEYS | {"note", "url"}
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def source_table() -> dict[str, Source]:
         if len(fields["sha256"]) != 64:
             raise DataError(f"{where}: sha256 must be 64 hex digits, got {fields['sha256']!r}")
         table[name] = Source(name=name, bytes=int(entry["bytes"]), note=entry.get("note"),
-                             url=doc["url_pattern"].format(**fields), **fields)
+                             url=entry.get("url") or doc["url_pattern"].format(**fields), **fields)
     return table
 
 
