@@ -1,15 +1,18 @@
 """The audit: measured numbers beside the paper's published ones, and the paper's qualitative claims checked.
 
-Published numbers, tolerances and claims live in ``analysis/published_numbers.yaml`` (versioned, with its
-source). Measured numbers come from the experiment modules: each ``analysis/<experiment>.py`` (knowledge,
+Published numbers, tolerances, claims and the models the numbers describe live in
+``analysis/published_numbers.yaml`` (versioned, with its source). Measured numbers come from the experiment modules: each ``analysis/<experiment>.py`` (knowledge,
 truthfulness, refusal, confidence) exposes ``measured_numbers(profile_name) -> dict[str, float]``. A module
 that does not exist yet, or whose cube ``results/<profile>/<experiment>.zarr`` is missing, contributes nothing.
 
 Keys a module may return (any other key is an error that names it):
 
 * Published keys, the dotted path of a number in published_numbers.yaml, e.g.
-  ``knowledge_causal_tracing.corr.cities``. They are compared with the paper only for the ``paper`` profile
-  (other profiles run other models, so their values are accepted and ignored).
+  ``knowledge_causal_tracing.corr.cities``. A module returns them only from the rows of the models the file's
+  ``models:`` names (``Published.models``, role -> model key; the role in a key such as ``base_on_sft`` is that
+  model's), never from the order of a profile's families; a profile without those models returns none. They are
+  compared with the paper only for the ``paper`` profile (other profiles run other models, so their values are
+  accepted and ignored).
 * Qualitative keys, one per claim, for every profile. POST is each post-trained model of the profile's
   families, BASE its base model; each key aggregates over all (BASE, POST) pairs and datasets the cube holds:
 
@@ -51,13 +54,14 @@ import pandas as pd
 import yaml
 
 from analysis.figures import markdown_table
+from replication.config import load_model_table
 from replication.cubes import open_cube
 from replication.paths import results_dir
 
 PUBLISHED_FILE = Path(__file__).with_name("published_numbers.yaml")
 EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")
 PAPER_PROFILE = "paper"
-RESERVED = ("version", "source", "tolerances", "claims")
+RESERVED = ("version", "source", "models", "tolerances", "claims")
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 COLUMNS = ["kind", "key", "statement", "reference", "measured", "difference", "criterion", "status"]
 FAILURES = ("fail", "does not hold")
@@ -99,10 +103,16 @@ class Claim:
 class Published:
     version: int
     source: dict[str, str]
+    models: dict[str, str]  # role -> model key (models.yaml) of the model the role's published numbers describe
     numbers: dict[str, float]  # dotted key -> published value
     rules: list[Tolerance]  # in file order; the first that matches a key applies
     tolerances: dict[str, Tolerance]  # dotted key -> the rule that applies
     claims: list[Claim]
+
+    @property
+    def role_of(self) -> dict[str, str]:
+        """model key -> the role its published numbers have (empty for a model the paper's tables do not describe)."""
+        return {model: role for role, model in self.models.items()}
 
 
 def load_published(path: Path = PUBLISHED_FILE) -> Published:
@@ -126,7 +136,21 @@ def load_published(path: Path = PUBLISHED_FILE) -> Published:
         raise ValueError(f"{path}: tolerance rules {unused} apply to no published number (a typo, or an "
                          "earlier rule matches first)")
     claims = [_claim(path, c) for c in raw["claims"]]
-    return Published(int(raw["version"]), dict(raw["source"]), numbers, rules, tolerances, claims)
+    return Published(int(raw["version"]), dict(raw["source"]), _models(path, raw["models"]), numbers, rules,
+                     tolerances, claims)
+
+
+def _models(path: Path, models: Any) -> dict[str, str]:
+    """`models:` (role -> model key), each a model of the model table with that role."""
+    table = load_model_table()
+    if not isinstance(models, dict) or not models:
+        raise ValueError(f"{path}: `models:` must map each role (base, sft, instruct) to a model key of "
+                         "replication/configs/models.yaml")
+    for role, key in models.items():
+        if key not in table or table[key].role != role:
+            found = f"has role {table[key].role!r}" if key in table else "is not in replication/configs/models.yaml"
+            raise ValueError(f"{path}: models.{role}: {key!r} {found}; name the model key whose role is {role!r}")
+    return dict(models)
 
 
 def _leaves(tree: dict, prefix: str = ""):

@@ -135,9 +135,19 @@ def unit_maps(profile_name: str) -> dict[tuple[str, str, str], Map]:
             for u in units.values()}
 
 
+def published_pair(profile_name: str) -> tuple[str, str] | None:
+    """The pair the paper's knowledge table describes, (BASE, INSTRUCT) of published_numbers.yaml `models:`, when
+    the profile compares it; else None (the profile has no published knowledge numbers)."""
+    models = load_published().models
+    pair = (models["base"], models["instruct"])
+    return pair if pair in load_profile(profile_name).pairs(EXPERIMENT) else None
+
+
 def reference_pair(profile_name: str) -> tuple[str, str]:
-    """The pair the paper's table reports: the first family's base and its instruct model (else its first
-    post-trained model)."""
+    """The pair the figures show: `published_pair` when the profile has it, else the first family's base and its
+    instruct model (else its first post-trained model)."""
+    if pair := published_pair(profile_name):
+        return pair
     profile = load_profile(profile_name)
     family = profile.families[profile.family_names(EXPERIMENT)[0]]
     instruct = [key for key in family.post if profile.model_spec(key).role == "instruct"]
@@ -146,12 +156,12 @@ def reference_pair(profile_name: str) -> tuple[str, str]:
 
 def comparison_table(profile_name: str, maps: dict[tuple[str, str, str], Map] | None = None) -> pd.DataFrame:
     """One row per (BASE, POST) pair, dataset and comparison (own / forward / backward) whose maps are in the
-    cube, with r, max_diff, max_diff_knowledge, both maps' clean gaps (`Map.clean_gap`) and, for the reference
-    pair's own maps, the paper's numbers."""
+    cube, with r, max_diff, max_diff_knowledge, both maps' clean gaps (`Map.clean_gap`) and, for the own maps of
+    the pair the paper describes (`published_pair`), the paper's numbers."""
     profile = load_profile(profile_name)
     maps = unit_maps(profile_name) if maps is None else maps
     published = load_published().numbers
-    reference = reference_pair(profile_name)
+    reference = published_pair(profile_name)
     rows = []
     for base, post in profile.pairs(EXPERIMENT):
         models = {"base": base, "post": post}
@@ -174,15 +184,19 @@ def comparison_table(profile_name: str, maps: dict[tuple[str, str, str], Map] | 
 
 
 def measured_numbers(profile_name: str) -> dict[str, float]:
-    """Audit keys (analysis/audit.py): the paper's table for the reference pair, Figure 1(a), and the claim
-    qualitative.knowledge.min_map_corr (smallest r of BASE vs POST own maps over all pairs and datasets)."""
+    """Audit keys (analysis/audit.py): the paper's table and Figure 1(a) for the pair the paper describes
+    (`published_pair`; none for a profile without it), and the claim qualitative.knowledge.min_map_corr
+    (smallest r of BASE vs POST own maps over all pairs and datasets)."""
     maps = unit_maps(profile_name)
     table = comparison_table(profile_name, maps)
     if table.empty:
         return {}
     own = table[table["comparison"] == "own"]
     numbers = {"qualitative.knowledge.min_map_corr": float(own["corr"].min())} if not own.empty else {}
-    base, post = reference_pair(profile_name)
+    pair = published_pair(profile_name)
+    if pair is None:
+        return numbers
+    base, post = pair
     for row in own[(own["base"] == base) & (own["post"] == post)].itertuples():
         for metric in ("corr", "max_diff", "max_diff_knowledge", "pairs"):
             numbers[f"{PUBLISHED}.{metric}.{row.dataset}"] = float(getattr(row, metric))

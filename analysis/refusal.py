@@ -5,10 +5,23 @@ r_X -> h_Y: model X's refusal direction steering model Y; harmful instructions g
 harmless ones get it added. Forward transfer = the base model's direction on a post-trained model; backward = a
 post-trained model's direction on the base model.
 
-The paper's table (published_numbers.yaml, `refusal_intervention_score`) has one harmful number per cell
-without saying whether it is subtraction or ablation; the original added a subtraction coefficient for
-Llama-3.1-8B, so subtraction fills the paper layout by default (HARMFUL_INTERVENTION) and ablation is reported
-beside it.
+The paper's table (published_numbers.yaml, `refusal_intervention_score`) has one harmful number per cell without
+naming the intervention. They are read here as the original's `ablation` run (HARMFUL_INTERVENTION): each
+direction projected out at resid_pre/mid/post of every block. Why: Refusal/README.md runs the harmful case with
+`--intervention_type ablation`, which gives r_base_on_base on BASE (0.21 -> 0.17) directly; the INSTRUCT cells
+(own direction 0.01, BASE's 0.95) need `--intervene_chat`, and the same flag gives them. The original's
+`--intervention_type subtraction` run is not symmetric: in apply_refusal_dir.py's fixed-coefficient branch the
+chat (post-trained) direction is subtracted at the one block but the base direction falls into the `else` and
+is ablated at that one block only, so its two cells are two different interventions.
+
+Here `subtraction` is the intended symmetric version (every direction subtracted at the one block with the
+steered model's refusal_coef_sub): beyond the paper, its rows are labelled so (INTERVENTION_LABEL) and never
+carry the paper's values. The original's literal subtraction run is not computed: its chat-direction cell is the
+`subtraction` row's own-direction cell on a post-trained model, and its base-direction cell (one-block ablation)
+is a condition the paper does not report.
+
+Only the models published_numbers.yaml `models:` names (Llama-3.1-8B) get the paper's values and published
+audit keys, in the roles it gives them; other families' rows get none, whatever order the profile lists them in.
 """
 from __future__ import annotations
 
@@ -24,9 +37,12 @@ from replication.paths import results_dir
 EXPERIMENT = "refusal"
 SECTION = "refusal_intervention_score"
 SHIPPED = f"{SECTION}.shipped_direction_cosines"
-HARMFUL_INTERVENTION = "subtraction"
+HARMFUL_INTERVENTION = "ablation"  # the original README's harmful run (see the module docstring)
 INTERVENTION_OF = {"harmful": HARMFUL_INTERVENTION, "harmless": "addition"}  # the paper layout's interventions
-ROW_ORDER = [("harmful", "subtraction"), ("harmful", "ablation"), ("harmless", "addition")]
+ROW_ORDER = [("harmful", "ablation"), ("harmful", "subtraction"), ("harmless", "addition")]
+# How a table row names its intervention: conditions the paper does not report say so.
+INTERVENTION_LABEL = {"ablation": "ablation", "subtraction": "subtraction (beyond the paper)",
+                      "addition": "addition"}
 COSINE_KEY = "qualitative.refusal.max_direction_cosine"
 TRANSFER_KEY = "qualitative.refusal.forward_transfer_ratio"
 MIN_OWN_EFFECT = 0.1  # forward-transfer ratios of pairs whose own addition effect is smaller mean nothing
@@ -135,27 +151,40 @@ def _column(source_role: str, target_role: str) -> str:
     return "baseline" if source_role == "none" else f"r_{source_role}_on_{target_role}"
 
 
+def _published_key(role_of: dict[str, str], target: str, source: str, dataset: str, intervention: str
+                   ) -> str | None:
+    """The published key of a condition (source "none": the baseline), or None when the paper has no such cell:
+    a model the paper's numbers do not describe (published_numbers.yaml `models:`), or an intervention other than
+    the paper layout's for the dataset."""
+    if target not in role_of or (source != "none" and (source not in role_of
+                                                       or INTERVENTION_OF[dataset] != intervention)):
+        return None
+    column = "baseline" if source == "none" else f"r_{role_of[source]}_on_{role_of[target]}"
+    return f"{SECTION}.{role_of[target]}.{dataset}.{column}"
+
+
 def refusal_score_tables(tidy: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Per family, the paper's layout of the `scores` frame: rows (target model, dataset, intervention), columns
-    baseline and r_X_on_Y (X, Y roles) for every direction X steering Y, each measured beside the paper's value
-    (Llama-3.1-8B; paper values sit on the rows of the paper layout's interventions only)."""
-    published = load_published().numbers
+    """Per family, the paper's layout of the `scores` frame: rows (target model, dataset, intervention labelled
+    by INTERVENTION_LABEL), columns baseline and r_X_on_Y (X, Y roles) for every direction X steering Y, each
+    measured beside the paper's value (only on the paper layout's rows of the models the paper describes)."""
+    published = load_published()
     tables = {}
     for family, frame in tidy.groupby("family", sort=False):
         baselines = frame[frame["source"] == "none"].set_index(["target", "dataset"])["refusal_score"]
         cells: dict[tuple, dict] = {}
         for row in frame[frame["source"] != "none"].itertuples():
-            in_paper_layout = INTERVENTION_OF[row.dataset] == row.intervention
+            in_paper_layout = INTERVENTION_OF[row.dataset] == row.intervention  # else no paper value, even baseline
             row_cells = cells.setdefault((row.target, row.dataset, row.intervention), {})
-            for column, value in (("baseline", baselines[(row.target, row.dataset)]),
-                                  (_column(row.source_role, row.target_role), row.refusal_score)):
-                key = f"{SECTION}.{row.target_role}.{row.dataset}.{column}"
+            for column, source, value in (("baseline", "none", baselines[(row.target, row.dataset)]),
+                                          (_column(row.source_role, row.target_role), row.source, row.refusal_score)):
+                key = _published_key(published.role_of, row.target, source, row.dataset, row.intervention)
                 row_cells[(column, "measured")] = value
-                row_cells[(column, "paper")] = published.get(key) if in_paper_layout else None
+                row_cells[(column, "paper")] = published.numbers.get(key) if key and in_paper_layout else None
         table = pd.DataFrame.from_dict(cells, orient="index").astype(float)
-        table = table.loc[sorted(table.index, key=lambda row: (_role_order(frame, row[0]), row[0],
-                                                                 ROW_ORDER.index(row[1:])))]
-        table.index = pd.MultiIndex.from_tuples(table.index, names=["model", "dataset", "intervention"])
+        order = sorted(table.index, key=lambda row: (_role_order(frame, row[0]), row[0], ROW_ORDER.index(row[1:])))
+        table = table.loc[order]
+        table.index = pd.MultiIndex.from_tuples([(m, d, INTERVENTION_LABEL[i]) for m, d, i in order],
+                                                names=["model", "dataset", "intervention"])
         table.columns = pd.MultiIndex.from_tuples(table.columns)
         order = ["baseline"] + sorted(c for c in table.columns.get_level_values(0).unique() if c != "baseline")
         tables[family] = table[order]
@@ -164,8 +193,9 @@ def refusal_score_tables(tidy: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def direction_cosines(profile_name: str) -> pd.DataFrame:
     """Tidy: family, model_a, model_b, role_a, role_b, cosine of their refusal directions (at each model's
-    settings), and the cosine of the authors' shipped Llama-3.1-8B directions for the same roles."""
-    published = load_published().numbers
+    settings), and the cosine of the authors' shipped Llama-3.1-8B directions for the same pair (NaN unless both
+    are models the paper's numbers describe)."""
+    published = load_published()
     rows = []
     for name, unit in cube(profile_name).read_units("family").items():
         roles = dict(zip(unit["model"].values, unit["role"].values))
@@ -174,13 +204,21 @@ def direction_cosines(profile_name: str) -> pd.DataFrame:
             for b in models[i + 1:]:
                 rows.append({"family": name.split("__")[1], "model_a": a, "model_b": b, "role_a": roles[a],
                              "role_b": roles[b], "cosine": float(unit["cosine"].sel(model_a=a, model_b=b)),
-                             "paper_shipped": _shipped(published, roles[a], roles[b])})
+                             "paper_shipped": _shipped(published, a, b)})
     return pd.DataFrame(rows)
 
 
-def _shipped(published: dict, role_a: str, role_b: str):
-    """The shipped-direction cosine for two roles (the file names pairs base_vs_instruct, instruct_vs_sft, ...)."""
-    return published.get(f"{SHIPPED}.{role_a}_vs_{role_b}", published.get(f"{SHIPPED}.{role_b}_vs_{role_a}"))
+def _shipped_keys(role_of: dict[str, str], a: str, b: str) -> list[str]:
+    """The keys a shipped-direction cosine of models a and b may have (the file names pairs base_vs_instruct,
+    instruct_vs_sft, ...), none unless both are models the paper's numbers describe."""
+    if a not in role_of or b not in role_of:
+        return []
+    return [f"{SHIPPED}.{role_of[a]}_vs_{role_of[b]}", f"{SHIPPED}.{role_of[b]}_vs_{role_of[a]}"]
+
+
+def _shipped(published, a: str, b: str) -> float:
+    values = [published.numbers[k] for k in _shipped_keys(published.role_of, a, b) if k in published.numbers]
+    return values[0] if values else float("nan")
 
 
 def cosine_by_layer(profile_name: str) -> pd.DataFrame:
@@ -251,25 +289,20 @@ def forward_transfer_ratios(tidy: pd.DataFrame) -> pd.DataFrame:
 def measured_numbers(profile_name: str) -> dict[str, float]:
     """Audit numbers. Published keys (refusal_intervention_score.<target role>.<dataset>.<baseline | r_X_on_Y>,
     harmful = HARMFUL_INTERVENTION, harmless = addition; and the cosines of the shipped directions' roles) come
-    from the profile's first family, the one the paper's numbers describe; only keys the published file has are
-    returned. Qualitative keys: the largest BASE-POST direction cosine, and the largest forward-transfer ratio
+    from the rows of the models published_numbers.yaml `models:` names, in its roles; only keys the published
+    file has are returned (none for a profile without those models). Qualitative keys: the largest BASE-POST direction cosine, and the largest forward-transfer ratio
     over pairs whose own addition effect is at least MIN_OWN_EFFECT (absent when no pair qualifies)."""
     return numbers_from(scores(profile_name), direction_cosines(profile_name))
 
 
 def numbers_from(tidy: pd.DataFrame, cosines: pd.DataFrame) -> dict[str, float]:
     """`measured_numbers` of a `scores` and a `direction_cosines` frame."""
-    published = load_published().numbers
-    first = tidy["family"].iloc[0]
-    candidates = []
-    for row in tidy[tidy["family"] == first].itertuples():
-        if row.source == "none" or INTERVENTION_OF[row.dataset] == row.intervention:
-            column = _column(row.source_role, row.target_role)
-            candidates.append((f"{SECTION}.{row.target_role}.{row.dataset}.{column}", row.refusal_score))
-    for row in cosines[cosines["family"] == first].itertuples():
-        candidates += [(f"{SHIPPED}.{row.role_a}_vs_{row.role_b}", row.cosine),
-                       (f"{SHIPPED}.{row.role_b}_vs_{row.role_a}", row.cosine)]
-    numbers = {key: float(value) for key, value in candidates if key in published}
+    published = load_published()
+    candidates = [(_published_key(published.role_of, row.target, row.source, row.dataset, row.intervention),
+                   row.refusal_score) for row in tidy.itertuples()]
+    for row in cosines.itertuples():
+        candidates += [(key, row.cosine) for key in _shipped_keys(published.role_of, row.model_a, row.model_b)]
+    numbers = {key: float(value) for key, value in candidates if key in published.numbers}
     base_post = cosines[(cosines["role_a"] == "base") | (cosines["role_b"] == "base")]
     numbers[COSINE_KEY] = float(base_post["cosine"].max())
     ratios = forward_transfer_ratios(tidy)

@@ -10,7 +10,8 @@ P = mean over statements of P(TRUE) - P(FALSE) under the few-shot prompt, ~ = wi
 Tables follow the paper's layout, one per family: rows are the test datasets; columns X_BASE->h_BASE, then for
 each post-trained model POST: X_POST->h_POST, X_BASE->h_POST and Δ = X_BASE->h_POST - X_POST->h_POST (what the
 base model's probe or direction loses, or gains, against POST's own), each measured beside the paper's value
-(Llama-3.1-8B, empty where the paper has none).
+where both models are the ones the paper's number describes (published_numbers.yaml `models:`, Llama-3.1-8B),
+empty elsewhere: another family's rows are never labelled with Llama-3.1-8B's values.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def _paper_layout(tidy: pd.DataFrame, source: str, value: str, letter: str, sect
                   datasets: list[str]) -> pd.DataFrame:
     """One family's table in the paper's layout (see the module docstring), measured beside the paper's values;
     `source` is the column prefix of the model whose probe or direction is used (probe / direction)."""
-    published = load_published().numbers
+    published = load_published()
     role = dict(zip(tidy[f"{source}_model"], tidy[f"{source}_role"]))
     base = next(model for model, r in role.items() if r == "base")
     posts = [model for model, r in role.items() if r != "base"]
@@ -99,7 +100,8 @@ def _paper_layout(tidy: pd.DataFrame, source: str, value: str, letter: str, sect
         return rows.reindex(datasets)
 
     def paper(x: str, y: str) -> pd.Series:
-        return pd.Series([published.get(f"{section}.{role[x]}_on_{role[y]}.{d}") for d in datasets],
+        key = _published_key(published.role_of, section, x, y)
+        return pd.Series([published.numbers.get(f"{key}.{d}") if key else None for d in datasets],
                          index=datasets, dtype=float)
 
     def name(x: str, y: str) -> str:
@@ -193,26 +195,38 @@ def tables(profile_name: str) -> dict[str, pd.DataFrame]:
     return result
 
 
+def _published_key(role_of: dict[str, str], section: str, x: str, y: str) -> str | None:
+    """`<section>.<X role>_on_<Y role>` when both models are ones the paper's numbers describe, else None."""
+    return f"{section}.{role_of[x]}_on_{role_of[y]}" if x in role_of and y in role_of else None
+
+
 def measured_numbers(profile_name: str) -> dict[str, float]:
-    """Audit numbers. Published keys (<section>.<X role>_on_<Y role>.<dataset>, and the shipped exact cities
-    values) come from the profile's first family, the one the paper's numbers describe (Llama-3.1-8B in the paper
-    profile); only keys the published file has are returned. The qualitative keys take the worst case over every
-    (BASE, POST) pair and dataset: IE(POST's direction on POST) - IE(BASE's on POST), and the same for probe
-    accuracy in percentage points."""
-    published = load_published().numbers
-    probes, effects, models = probe_accuracies(profile_name), intervention_effects(profile_name), families(profile_name)
-    first_family = models.loc[models["family"] == models["family"].iloc[0], "model"]
+    """Audit numbers (`numbers_from` of the profile's probe-accuracy and intervention-effect frames)."""
+    return numbers_from(probe_accuracies(profile_name), intervention_effects(profile_name))
+
+
+def numbers_from(probes: pd.DataFrame, effects: pd.DataFrame) -> dict[str, float]:
+    """Audit numbers of a `probe_accuracies` and an `intervention_effects` frame. Published keys
+    (<section>.<X role>_on_<Y role>.<dataset>, and the shipped exact cities values) come from the rows whose two
+    models are the ones published_numbers.yaml `models:` names, in the roles it gives them; only keys the
+    published file has are returned (none for a profile without those models). The qualitative keys take the
+    worst case over every (BASE, POST) pair and dataset: IE(POST's direction on POST) - IE(BASE's on POST), and
+    the same for probe accuracy in percentage points."""
+    published = load_published()
+    role_of = published.role_of
     candidates = []  # (key, value)
-    for row in probes[probes["target_model"].isin(first_family)].itertuples():
-        candidates.append((f"{PROBE_SECTION}.{row.probe_role}_on_{row.target_role}.{row.dataset}", row.accuracy_pct))
-    for row in effects[effects["target_model"].isin(first_family)].itertuples():
-        roles = f"{row.direction_role}_on_{row.target_role}"
-        candidates.append((f"{IE_SECTION}.{roles}.{row.dataset}", row.average))
-        if row.dataset == "cities":
-            candidates.append((f"{SHIPPED}.{roles}", row.average))
-            candidates += [(f"{SHIPPED}.p_diff_before.{row.target_role}_{truth}",
-                            getattr(row, f"p_diff_{truth}_before")) for truth in ("true", "false")]
-    numbers = {key: float(value) for key, value in candidates if key in published}
+    for row in probes.itertuples():
+        if key := _published_key(role_of, PROBE_SECTION, row.probe_model, row.target_model):
+            candidates.append((f"{key}.{row.dataset}", row.accuracy_pct))
+    for row in effects.itertuples():
+        if key := _published_key(role_of, IE_SECTION, row.direction_model, row.target_model):
+            candidates.append((f"{key}.{row.dataset}", row.average))
+            if row.dataset == "cities":
+                target = role_of[row.target_model]
+                candidates.append((f"{SHIPPED}.{role_of[row.direction_model]}_on_{target}", row.average))
+                candidates += [(f"{SHIPPED}.p_diff_before.{target}_{truth}", getattr(row, f"p_diff_{truth}_before"))
+                               for truth in ("true", "false")]
+    numbers = {key: float(value) for key, value in candidates if key in published.numbers}
     numbers[IE_SHORTFALL_KEY] = _max_shortfall(effects, "direction", "average")
     numbers[PROBE_SHORTFALL_KEY] = _max_shortfall(probes, "probe", "accuracy_pct")
     return numbers

@@ -54,6 +54,26 @@ def test_a_tolerance_rule_that_matches_nothing_is_an_error(tmp_path):
         audit.load_published(path)
 
 
+def test_published_numbers_name_the_models_they_describe():
+    assert PUBLISHED.models == {"base": "llama-3.1-8b", "sft": "llama-3.1-8b-sft",
+                                "instruct": "llama-3.1-8b-instruct"}
+    assert PUBLISHED.role_of["llama-3.1-8b-sft"] == "sft" and "llama-2-13b" not in PUBLISHED.role_of
+
+
+@pytest.mark.parametrize("models, message", [
+    ({"base": "llama-3.1-8b-instruct"}, r"models.base: 'llama-3.1-8b-instruct' has role 'instruct'"),
+    ({"base": "llama-3.1-8B"}, r"models.base: 'llama-3.1-8B' is not in replication/configs/models.yaml"),
+    ({}, r"`models:` must map each role"),
+])
+def test_models_must_be_model_keys_of_their_role(tmp_path, models, message):
+    raw = yaml.safe_load(audit.PUBLISHED_FILE.read_text())
+    raw["models"] = models
+    path = tmp_path / "published.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=message):
+        audit.load_published(path)
+
+
 def rows(table):
     return table.set_index("key")
 
