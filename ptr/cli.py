@@ -60,15 +60,30 @@ def posttrain(profile: str) -> None:
 @click.option("--fresh", is_flag=True,
               help="Set the existing cube aside (renamed to <experiment>.stale-<time>.zarr, not deleted) and start "
                    "again. Needed when the experiment's configuration changed since its units were computed.")
-def run(experiment: str, profile: str, fresh: bool = False) -> None:
+@click.option("--dry-run", is_flag=True,
+              help="Print the models each experiment holds in memory at once and their size, then stop.")
+def run(experiment: str, profile: str, fresh: bool = False, dry_run: bool = False) -> None:
     """Run one experiment (or all) for a profile and write its cube to results/<profile>/<experiment>.zarr.
-    Resumable: finished units are skipped; a cube computed under another configuration is refused (see --fresh)."""
+    Resumable: finished units are skipped; a cube computed under another configuration is refused (see --fresh).
+    Each run first prints its memory plan and stops when the visible GPU is too small for it."""
     from replication.config import load_profile
     from replication.cubes import StaleCubeError, set_aside
+    from replication.memory import InsufficientMemoryError, check_fits, plan_lines
+    from replication.models import resolve_device
     from replication.paths import results_dir
 
     prof = load_profile(profile)
-    for name in EXPERIMENTS if experiment == "all" else (experiment,):
+    names = EXPERIMENTS if experiment == "all" else (experiment,)
+    device = resolve_device(prof.device)
+    for line in plan_lines(prof, names):
+        click.echo(f"memory plan ({device}): {line}")
+    if dry_run:
+        return
+    try:
+        check_fits(prof, names, device)
+    except InsufficientMemoryError as error:
+        raise click.ClickException(str(error)) from None
+    for name in names:
         start = time.time()
         if fresh and (kept := set_aside(results_dir(prof.name) / f"{name}.zarr")):
             click.echo(f"{name}: previous cube kept as {kept}")

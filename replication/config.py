@@ -97,7 +97,7 @@ class ModelSpec:
     key: str  # the model-table key, e.g. "llama-3.1-8b"
     family: str  # e.g. "llama3"; a base and its post-trained models share it
     role: Literal["base", "sft", "instruct"]
-    source: Literal["hub", "gguf", "tiny", "posttrain"]
+    source: Literal["hub", "gguf", "tiny", "posttrain", "shape"]
     arch: str  # a key of the `architectures` section
     architecture: Architecture  # resolved from `arch`
     tokenizer_key: str  # which tokenizer family patching pairs are built for: llama3, llama2, mistral, gemma3, tiny
@@ -113,7 +113,10 @@ class ModelSpec:
     gguf: Optional[dict[str, str]] = None  # source gguf: package, version, filename, sha256 (see replication.gguf)
     base: Optional[str] = None  # source posttrain: the model-table key of the model it is trained from
     recipe: Optional[str] = None  # source posttrain: the post-training recipe name (see replication.posttrain)
-    seed: Optional[int] = None  # source tiny: weight-initialisation seed
+    seed: Optional[int] = None  # source tiny / shape: weight-initialisation seed
+    # source shape (set by a profile's random_weights, never in the model table): the real model's config (scaled),
+    # its real tokenizer's name and where the config comes from (replication.shapes)
+    shape: Optional[dict[str, Any]] = None
 
     @property
     def layers_path(self) -> str:
@@ -210,6 +213,13 @@ class Experiments:
 
 
 @dataclass(frozen=True)
+class RandomWeights:
+    """Build every model with random weights from its real config (replication/shapes.py), optionally smaller."""
+    layers: Optional[int] = None  # decoder layers; None = the real number
+    heads: Optional[int] = None  # attention heads (hidden size = heads x head_dim); None = the real number
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     description: str
@@ -219,6 +229,7 @@ class Profile:
     batch_size: int
     families: dict[str, Family]
     experiments: Experiments
+    random_weights: Optional[RandomWeights] = None
     model_table: dict[str, ModelSpec] = field(repr=False, compare=False, default_factory=dict)
     source_path: Optional[Path] = field(default=None, repr=False, compare=False)
 
@@ -300,13 +311,55 @@ def load_model_table(path: Optional[Path | str] = None) -> dict[str, ModelSpec]:
 def load_profile(name_or_path: str | Path, model_table: Optional[dict[str, ModelSpec]] = None) -> Profile:
     """Read and validate a profile: a name in replication/configs/profiles/ (paper, demo, tiny) or a YAML path."""
     path = _profile_path(name_or_path)
-    data = _read_yaml(path)
+    data = _profile_data(path)
     table = model_table if model_table is not None else load_model_table()
     data.setdefault("name", path.stem)
     profile = _build(Profile, data, "", path, skip=("model_table", "source_path"))
     profile = dataclasses.replace(profile, model_table=table, source_path=path)
     _check_profile(profile, path)
+    if profile.random_weights is not None:
+        profile = dataclasses.replace(profile, model_table={**table, **_random_weight_specs(profile, path)})
     return profile
+
+
+def _profile_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A profile's YAML; `extends: NAME` starts from that profile's values, which this file's values override
+    (mappings merged key by key, everything else replaced)."""
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = _profile_path(parent)
+    if parent_path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends: {parent}' makes a cycle of profiles")
+    return _merged(_profile_data(parent_path, (*seen, path.resolve())), data)
+
+
+def _merged(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
+    return merged
+
+
+def _random_weight_specs(profile: Profile, path: Path) -> dict[str, ModelSpec]:
+    """The profile's models as random-weight models of their real shapes (source 'shape'), layer settings mapped
+    to the scaled depth."""
+    from replication import shapes
+
+    table, scale, specs = shapes.shape_table(), profile.random_weights, {}
+    for key in profile.models():
+        _check_choice(key, table, "model key (random_weights needs its config)", shapes.SHAPES_FILE)
+        spec, entry = profile.model_table[key], table[key]
+        config = shapes.scaled_config(entry["config"], scale.layers, scale.heads)
+        real_layers, layers = entry["config"]["num_hidden_layers"], config["num_hidden_layers"]
+        settings = shapes.scaled_settings(_plain(spec.settings), real_layers, layers)
+        specs[key] = dataclasses.replace(
+            spec, source="shape", seed=shapes.weight_seed(key, profile.seed),
+            settings=_build(ModelSettings, settings, f"models.{key}.settings", path),
+            shape={"tokenizer": entry["tokenizer"], "config_source": entry["config_source"], "config": config})
+    return specs
 
 
 def available_profiles() -> list[str]:
@@ -339,7 +392,8 @@ def _model_spec(key: str, entry: Any, architectures: dict, templates: dict, path
     setting_names = [f.name for f in dataclasses.fields(ModelSettings)]
     for name in spec.chosen_settings:
         _check_choice(name, setting_names, f"{where}.chosen_settings entry", path)
-    needed = {"hub": ("hf_id", "revision"), "gguf": ("gguf",), "tiny": ("seed",), "posttrain": ("base", "recipe")}
+    needed = {"hub": ("hf_id", "revision"), "gguf": ("gguf",), "tiny": ("seed",), "posttrain": ("base", "recipe"),
+              "shape": ("shape",)}
     for name in needed[spec.source]:
         if getattr(spec, name) is None:
             raise ConfigError(f"{path}: {where}: source {spec.source!r} needs the key {name!r}")

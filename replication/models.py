@@ -17,6 +17,7 @@ model built in code). Facts other code relies on (transformers 5.24, nnsight 0.8
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 from nnsight import TransformersModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from replication import tiny
 from replication.config import CHAT, ModelSpec, load_model_table
@@ -44,6 +45,9 @@ def load_model(spec: ModelSpec, *, dtype: str = "float32", device: str = "cpu") 
     if spec.source == "tiny":
         tokenizer = tiny.build_tokenizer()
         model = tiny.build_model(spec.arch, spec.seed, tokenizer).to(device=device, dtype=DTYPES[dtype])
+    elif spec.source == "shape":
+        tokenizer = _reference_tokenizer(spec)
+        model = build_shape_model(spec, dtype=DTYPES[dtype], device=device)
     else:
         location, revision = _weights_location(spec)
         tokenizer = _from_pretrained(AutoTokenizer, spec, location, revision)
@@ -58,6 +62,8 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     """The tokenizer of `spec` alone (no weights), padding on the left; for building data."""
     if spec.source == "tiny":
         tokenizer = tiny.build_tokenizer()
+    elif spec.source == "shape":
+        tokenizer = _reference_tokenizer(spec)
     elif spec.source == "posttrain":  # post-training keeps the tokenizer (config checks the tokenizer_key)
         return load_tokenizer(load_model_table()[spec.base])
     else:
@@ -65,6 +71,22 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
         tokenizer = _from_pretrained(AutoTokenizer, spec, location, revision)
     _prepare_tokenizer(spec, tokenizer)
     return tokenizer
+
+
+def build_shape_model(spec: ModelSpec, *, dtype: torch.dtype, device: str):
+    """A random-weight model of the shape in `spec.shape` (the real model's config, maybe scaled; replication.shapes),
+    initialised on `device` (a full-size model never passes through CPU memory), seeded by `spec.seed`."""
+    config = AutoConfig.for_model(**spec.shape["config"])
+    with torch.random.fork_rng(devices=[] if device == "cpu" else None), torch.device(device):
+        torch.manual_seed(spec.seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _reference_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The real tokenizer of a paper model, built offline (data_prep.tokenizers); a copy, as callers set padding."""
+    from data_prep.tokenizers import reference_tokenizer
+
+    return copy.deepcopy(reference_tokenizer(spec.shape["tokenizer"]))
 
 
 def pair_tokenizers(profile) -> dict[str, Callable[[str], list[int]]]:
