@@ -106,10 +106,16 @@ def neuron_norms(W_out: torch.Tensor) -> torch.Tensor:
 
 
 def logit_var(W_out: torch.Tensor, W_U: torch.Tensor, chunk_neurons: int = CHUNK_NEURONS) -> torch.Tensor:
-    """LogitVar per neuron: the unbiased variance over the vocabulary of cos(w_out, W_U[:, v])."""
-    unit_W_U = W_U / W_U.norm(dim=0, keepdim=True)
-    unit_W_out = W_out / W_out.norm(dim=1, keepdim=True)
-    return torch.cat([(block @ unit_W_U).var(dim=1) for block in unit_W_out.split(chunk_neurons)])
+    """LogitVar per neuron: the unbiased variance over the vocabulary of cos(w_out, W_U[:, v]).
+
+    In the original's order and the inputs' dtype (IoU.py: `W / W.norm(dim=1).unsqueeze(1) @ W_U / W_U.norm(dim=0)`,
+    i.e. ((W / |W|) @ W_U) / |W_U|): in float32 the other order, W / |W| @ (W_U / |W_U|), rounds differently, and
+    where two candidates' LogitVars are that close the last selected rank falls the other way. Neither order is
+    exact; this one decides such a tie as the paper did. On CPU, blocks of CHUNK_NEURONS rows give the same bits
+    as the original's one product (tested); on a GPU the summation order inside a product is cuBLAS's choice."""
+    column_norms = W_U.norm(dim=0)
+    unit_W_out = W_out / W_out.norm(dim=1).unsqueeze(1)
+    return torch.cat([((block @ W_U) / column_norms).var(dim=1) for block in unit_W_out.split(chunk_neurons)])
 
 
 def select_entropy_neurons(norm: torch.Tensor, logit_var_: torch.Tensor, top_norm_fraction: float,

@@ -125,6 +125,53 @@ def test_logit_var_and_selection_equal_slow_loop_and_original(arch, variant):
     assert len(selected) == 10
 
 
+def originals_logit_var(W_out: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
+    """IoU.py's expression, verbatim: Python evaluates it left to right as ((W / |W|) @ W_U) / |W_U|."""
+    last_layer_neurons, unemb = W_out, W_U
+    normalized_composition = last_layer_neurons / last_layer_neurons.norm(dim=1).unsqueeze(1) @ unemb / unemb.norm(dim=0)
+    return normalized_composition.var(dim=1)
+
+
+def unit_columns_first_logit_var(W_out: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
+    """The other order, (W / |W|) @ (W_U / |W_U|): the same number in exact arithmetic, other float32 bits."""
+    return (W_out / W_out.norm(dim=1, keepdim=True) @ (W_U / W_U.norm(dim=0, keepdim=True))).var(dim=1)
+
+
+def test_float32_near_tie_at_rank_10_falls_the_originals_way():
+    """Eleven high-norm neurons whose 10th and 11th LogitVars are closer than float32 rounding: the two orders of
+    normalisation select different 10th neurons, and the project selects the original's."""
+    generator = torch.Generator().manual_seed(0)
+    d_model, d_vocab = 64, 400
+    W_U = torch.randn(d_model, d_vocab, generator=generator)
+    # a family of nearly parallel neurons: LogitVars equal to about 1e-7 relative, where rounding decides order
+    family = 10 * (torch.randn(d_model, generator=generator)
+                   + 1e-3 * torch.randn(600, d_model, generator=generator))
+    original_values, other_values = originals_logit_var(family, W_U), unit_columns_first_logit_var(family, W_U)
+    by_original = torch.argsort(original_values, stable=True).tolist()
+    by_other = torch.argsort(other_values, stable=True).tolist()
+
+    def strictly_swapped(a, b):  # strict in both orders: the rows' positions (stable ties) cannot decide
+        return bool(original_values[a] < original_values[b] and other_values[a] > other_values[b])
+
+    # the first rank p where the orders swap two neighbours after agreeing on the set of everything before them
+    p = next(p for p in range(9, len(family) - 1) if set(by_original[:p]) == set(by_other[:p])
+             and by_original[p:p + 2] == by_other[p:p + 2][::-1] and strictly_swapped(*by_original[p:p + 2]))
+    high = by_original[p - 9:p + 2]  # nine neurons clearly before the tie, then the tied two
+    low_norm = torch.randn(33, d_model, generator=generator)  # norm about 8 < 10: outside the top 25% of 44
+    W_out = torch.cat([family[high], low_norm])
+    assert W_out.dtype == torch.float32
+    norm = conf.neuron_norms(W_out)
+
+    got = conf.select_entropy_neurons(norm, conf.logit_var(W_out, W_U), 0.25, 10).tolist()
+    original = original_selection(norm.numpy(), originals_logit_var(W_out, W_U).numpy(), 0.25, 10)
+    other = original_selection(norm.numpy(), unit_columns_first_logit_var(W_out, W_U).numpy(), 0.25, 10)
+    assert sorted(original[:9]) == sorted(other[:9]) == list(range(9))
+    assert (original[9], other[9]) == (9, 10)  # the near-tie: the orders disagree at rank 10 ...
+    assert got == original  # ... and the project falls the original's way
+    # bit for bit, also where blocks of 256 neurons (a multiple of the BLAS tile) make up the 600
+    torch.testing.assert_close(conf.logit_var(family, W_U), original_values, rtol=0, atol=0)
+
+
 def test_selection_is_strictly_above_the_quantile_and_orders_by_logit_var():
     norm = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])  # 0.5 quantile = 5 exactly
     logit_var = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.5, 0.3, 0.4, 0.3])
