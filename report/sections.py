@@ -24,6 +24,7 @@ from analysis import confidence, knowledge, refusal, truthfulness
 from analysis.audit import load_published
 from analysis.figures import beside, beside_paper, escape_markdown, grid, layer_heatmap, pca_plane, token_heatmap
 from replication.config import load_profile
+from report import deviations
 
 ROLE = {"base": "BASE", "sft": "SFT", "instruct": "INSTRUCT"}
 SCATTER_MAX_NEURONS = 1500  # per model: ordinary neurons drawn in the scatter (every entropy neuron is drawn)
@@ -527,3 +528,9 @@ def ablation_table(profile_name: str) -> blocks.Table:
     table = by_model(profile_name, confidence.ablation_table(profile_name).reset_index())
     table = table.assign(model=[named(profile_name, m) for m in table["model"]])
     return blocks.Table(table.rename(columns=lambda c: c.replace("delta_", "Δ ").replace("_", " ")))
+
+
+def deviations_table() -> blocks.Table:
+    """Appendix: where the paper profile computes differently from the original code (docs/deviations.yaml; the
+    same for every profile)."""
+    return blocks.Table(deviations.table(deviations.load_deviations()))
