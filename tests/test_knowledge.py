@@ -13,7 +13,7 @@ import yaml
 import zarr
 
 from analysis import knowledge as analysis
-from analysis.audit import audit
+from analysis.audit import audit, load_published
 from data_prep.build import build_all
 from data_prep.prompts import patching_prompts
 from replication import knowledge
@@ -179,7 +179,12 @@ def test_run_resumes_finished_units_and_redoes_unfinished_ones(cube, tiny_profil
     assert np.array_equal(open_cube(cube).read_unit("tiny-post__tiny-post__cities")["patch_effect"].values, before)
 
 
-def test_analysis_tables_and_audit_keys(cube, tiny_profile):
+def test_analysis_tables_and_audit_keys(cube, tiny_profile, monkeypatch):
+    assert not [k for k in analysis.measured_numbers(tiny_profile.name) if not k.startswith("qualitative.")]
+    assert analysis.comparison_table(tiny_profile.name)["paper_corr"].isna().all()
+    # the published numbers describe llama3's models: read the tiny models' cube as if it were theirs
+    as_paper = dataclasses.replace(load_published(), models={"base": "tiny-llama", "instruct": "tiny-post"})
+    monkeypatch.setattr(analysis, "load_published", lambda: as_paper)
     table = analysis.comparison_table(tiny_profile.name)
     assert len(table) == 9  # 3 datasets x own / forward / backward
     assert set(table["comparison"]) == {"own", "forward", "backward"}

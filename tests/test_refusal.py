@@ -213,6 +213,7 @@ def test_run_resumes_only_unfinished_units(tiny_run, tiny_pair, processed_data, 
 
 def test_analysis_reads_the_tiny_cube(tiny_run, monkeypatch):
     from analysis import refusal as analysis
+    from analysis.audit import load_published
     from replication.cubes import open_cube
 
     monkeypatch.setenv("PTR_RESULTS_DIR", str(tiny_run.parent.parent))
@@ -226,6 +227,10 @@ def test_analysis_reads_the_tiny_cube(tiny_run, monkeypatch):
     table = analysis.tables(name)["Refusal: refusal score, tiny"]
     assert table.loc[("tiny-chat", "harmless", "addition"), ("r_base_on_instruct", "measured")] \
         == float(forward["refusal_score"])
+    assert not [k for k in analysis.measured_numbers(name) if not k.startswith("qualitative.")]
+    # the published numbers describe llama3's models: read the tiny models' cube as if it were theirs
+    as_paper = dataclasses.replace(load_published(), models={"base": "tiny-llama", "instruct": "tiny-chat"})
+    monkeypatch.setattr(analysis, "load_published", lambda: as_paper)
     numbers = analysis.measured_numbers(name)
     family = store.read_unit("family__tiny")
     assert numbers[analysis.COSINE_KEY] == pytest.approx(float(family["cosine"].sel(model_a="tiny-llama",
