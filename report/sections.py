@@ -4,8 +4,9 @@ cube through analysis/<experiment>.py (numbers) and analysis/figures.py (charts)
 Every figure or table function takes the profile name and returns one altair chart or one `blocks.Table`, or None
 when the profile has no results for its experiment (the chunk then displays nothing and the section's status line
 says "not yet computed"). Models are named in the charts' titles and the tables' columns; figures show the
-reference pair of a profile (analysis.knowledge.reference_pair: the first family's base and its instruct model,
-else its first post-trained model) or every model, as their captions say.
+reference pair of a profile (analysis.knowledge.reference_pair: the Llama-3.1-8B BASE and INSTRUCT the paper
+describes when the profile has them, else the first family's base and its instruct model, else its first
+post-trained model) or every model, as their captions say.
 
 Imported by the document's cells, which run in report/ (so `import blocks` is this folder's blocks.py).
 """
@@ -320,7 +321,7 @@ def refusal_cosine_table(profile_name: str) -> blocks.Table:
     frame = pd.DataFrame({"direction A": [named(profile_name, m) for m in cosines["model_a"]],
                           "direction B": [named(profile_name, m) for m in cosines["model_b"]],
                           "cosine": cosines["cosine"],
-                          "paper (Llama-3.1-8B, same roles)": cosines["paper_shipped"].astype(float)})
+                          "paper (Llama-3.1-8B's shipped directions)": cosines["paper_shipped"].astype(float)})
     if cosines["family"].nunique() > 1:
         frame.insert(0, "family", cosines["family"])
     return blocks.Table(frame)
@@ -392,7 +393,7 @@ def refusal_samples_table(profile_name: str, per_condition: int = 2) -> blocks.T
     samples = refusal.sample_completions(profile_name, per_condition)
     samples = samples[samples["target"].isin(first)]
     order = {"target": first, "dataset": ["harmful", "harmless"], "source": ["none", *first],
-             "intervention": ["none", "subtraction", "ablation", "addition"]}
+             "intervention": ["none", "ablation", "subtraction", "addition"]}  # the refusal table's row order
     samples = samples.sort_values(["target", "dataset", "intervention", "source"], kind="stable",
                                   key=lambda column: column.map(order[column.name].index))
     frame = pd.DataFrame({
