@@ -63,7 +63,10 @@ EXPERIMENT = "refusal"
 KINDS = ("harmful", "harmless")
 NONE = "none"  # source and intervention of the unsteered baseline
 # (intervention, dataset) of the steered conditions: refusal is removed from harmful instructions (subtraction,
-# ablation) and induced on harmless ones (addition).
+# ablation) and induced on harmless ones (addition). The paper's harmful cells are the ablation condition (the
+# original README's run); subtraction, every direction subtracted at the one block, is beyond the paper: the
+# original's subtraction run subtracts only the post-trained direction and ablates the base direction at that
+# block, a one-block ablation not computed here (analysis/refusal.py says why).
 STEERED = (("subtraction", "harmful"), ("ablation", "harmful"), ("addition", "harmless"))
 DIRECTION_POSITIONS = 5  # directions are kept at the last 5 prompt positions (at least), for the sweep
 
