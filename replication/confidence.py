@@ -130,8 +130,9 @@ def select_entropy_neurons(norm: torch.Tensor, logit_var_: torch.Tensor, top_nor
 
 
 def norm_log_var_ratio(norm: torch.Tensor, logit_var_: torch.Tensor) -> torch.Tensor:
-    """norm / ln(LogitVar), the original's `norm_log_var_ratio` (negative while LogitVar < 1)."""
-    return norm / torch.log(logit_var_.clamp(min=LOG_FLOOR))
+    """norm / ln(LogitVar), the original's `norm_log_var_ratio` (negative while LogitVar < 1), in float64 as the
+    original's pandas row-apply computes it from its float32 columns."""
+    return norm.double() / torch.log(logit_var_.double().clamp(min=LOG_FLOOR))
 
 
 def weight_analysis(model, spec: ModelSpec, top_norm_fraction: float, n_neurons: int) -> xr.Dataset:

@@ -189,6 +189,21 @@ def test_norm_log_var_ratio_is_the_originals_formula():
     np.testing.assert_allclose(conf.norm_log_var_ratio(norm, logit_var).numpy(), expected, rtol=1e-12)
 
 
+def test_norm_log_var_ratio_of_float32_columns_equals_the_originals_row_apply():
+    """IoU.py builds the ratio with pandas apply(axis=1) on float32 columns and an int64 index column: each row
+    is float64, so the ratio is float64 arithmetic on float32 values (float32 arithmetic differs by ~1e-9)."""
+    generator = torch.Generator().manual_seed(0)
+    norm = torch.rand(50, generator=generator) + 0.5
+    logit_var = torch.rand(50, generator=generator) * 1e-3
+    df = pd.DataFrame({"norm": norm, "cos_var": logit_var})
+    df["neuron_index"] = df.index
+    expected = df.apply(lambda row: float(row["norm"] / np.log(max(1e-10, row["cos_var"]))), axis=1).to_numpy()
+    got = conf.norm_log_var_ratio(norm, logit_var).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-15)  # to the last bit or two of torch's and numpy's log
+    in_float32 = (norm / torch.log(logit_var)).double().numpy()
+    assert np.abs(in_float32 / expected - 1).max() > 1e-9  # float32 arithmetic would not match
+
+
 def test_weight_analysis_dataset():
     model, spec = tiny_model("gemma3", seed=5)
     ds = conf.weight_analysis(model, spec, 0.25, 10)
