@@ -150,7 +150,7 @@ def _llama3_vocabulary():
 
 
 def _spm_bpe(pieces: list[str], scores: list[float], special_ids: set[int], legacy: bool):
-    """A SentencePiece BPE model as HF's Llama tokenizer.json has it (byte fallback, "▁" for spaces), legacy or not."""
+    """A SentencePiece BPE model as HF's Llama tokenizer.json has it (byte fallback, "▁" for spaces)."""
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
     from transformers.tokenization_utils_base import generate_merges

@@ -26,7 +26,7 @@ def raw_tokenizer_files(mirror, tmp_path_factory):
 
 
 def llama_cpp_vectors(files, vocab):
-    """(text, ids) pairs of llama.cpp's test-tokenizer-0: strings end with "\\n__ggml_vocab_test__\\n", one id line each."""
+    """(text, ids) of llama.cpp's test-tokenizer-0: each string ends with "\\n__ggml_vocab_test__\\n"; one id line each."""
     texts = files[f"ggml-vocab-{vocab}.gguf.inp"].read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
     lines = files[f"ggml-vocab-{vocab}.gguf.out"].read_text(encoding="utf-8").split("\n")
     assert texts[-1] == "" and lines[-1] == ""
@@ -82,8 +82,8 @@ def test_special_tokens_as_the_real_tokenizers_have_them():
     assert [llama3.convert_tokens_to_ids(t) for t in ("<|begin_of_text|>", "<|end_of_text|>",
             "<|reserved_special_token_0|>", "<|finetune_right_pad_id|>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|reserved_special_token_3|>",
-            "<|reserved_special_token_247|>")] == [128000, 128001, 128002, 128004, 128006, 128007, 128008, 128009, 128010,
-                                                 128011, 128255]
+            "<|reserved_special_token_247|>")] == [128000, 128001, 128002, 128004, 128006, 128007, 128008, 128009,
+                                                 128010, 128011, 128255]
     assert (llama3.bos_token_id, llama3.eos_token_id, llama3.pad_token) == (128000, 128001, None)
     chat = "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
     assert llama3(chat).input_ids == [128000, 128006, 882, 128007, 271, 13347, 128009]
