@@ -26,7 +26,7 @@ def raw_tokenizer_files(mirror, tmp_path_factory):
 
 
 def llama_cpp_vectors(files, vocab):
-    """(text, ids) of llama.cpp's test-tokenizer-0: each string ends with "\\n__ggml_vocab_test__\\n"; one id line each."""
+    """(text, ids) of llama.cpp's test-tokenizer-0 (strings separated by __ggml_vocab_test__ lines)."""
     texts = files[f"ggml-vocab-{vocab}.gguf.inp"].read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
     lines = files[f"ggml-vocab-{vocab}.gguf.out"].read_text(encoding="utf-8").split("\n")
     assert texts[-1] == "" and lines[-1] == ""
