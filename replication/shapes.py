@@ -44,17 +44,16 @@ def scaled_config(config: dict[str, Any], layers: Optional[int], heads: Optional
     n_heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // n_heads
     if heads is not None and heads < n_heads:
+        group = n_heads // (config.get("num_key_value_heads") or n_heads)  # query heads per key/value head
+        if heads % group:
+            raise ValueError(f"{heads} heads cannot keep the model's {group} query heads per key/value head; "
+                             f"choose random_weights.heads as a multiple of {group}")
         ratio = heads / n_heads
-        n_kv = config.get("num_key_value_heads") or n_heads
         config.update(
-            num_attention_heads=heads, head_dim=head_dim, hidden_size=heads * head_dim,
-            num_key_value_heads=max(1, round(n_kv * ratio)),
+            num_attention_heads=heads, num_key_value_heads=heads // group, head_dim=head_dim,
+            hidden_size=heads * head_dim,
             intermediate_size=max(MLP_MULTIPLE, round(config["intermediate_size"] * ratio / MLP_MULTIPLE)
                                   * MLP_MULTIPLE))
-        if heads % config["num_key_value_heads"]:
-            raise ValueError(f"{heads} heads cannot be grouped over {config['num_key_value_heads']} key/value "
-                             f"heads; choose random_weights.heads as a multiple of "
-                             f"{n_heads // n_kv} (the model's query heads per key/value head)")
     if layers is not None and layers < config["num_hidden_layers"]:
         config["num_hidden_layers"] = layers
         for key in ("layer_types",):  # per-layer lists follow the depth
