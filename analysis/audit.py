@@ -54,13 +54,12 @@ import pandas as pd
 import yaml
 
 from analysis.figures import markdown_table
-from replication.config import load_model_table
+from replication.config import ConfigError, load_model_table, load_profile
 from replication.cubes import open_cube
 from replication.paths import results_dir
 
 PUBLISHED_FILE = Path(__file__).with_name("published_numbers.yaml")
 EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")
-PAPER_PROFILE = "paper"
 RESERVED = ("version", "source", "models", "tolerances", "claims")
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 COLUMNS = ["kind", "key", "statement", "reference", "measured", "difference", "criterion", "status"]
@@ -180,15 +179,34 @@ def _claim(path: Path, claim: dict) -> Claim:
     return result
 
 
+def _profile(profile_name: str):
+    try:
+        return load_profile(profile_name)
+    except ConfigError:  # results of a profile that is not defined here (e.g. a removed file): no comparison
+        return None
+
+
 def compares_to_paper(profile_name: str) -> bool:
-    return profile_name == PAPER_PROFILE
+    """Whether the profile runs the models the published numbers describe (published_numbers.yaml `models:`):
+    `paper`, and `paper-shape` (the same models' architectures with random weights)."""
+    profile = _profile(profile_name)
+    return profile is not None and set(load_published().models.values()) <= set(profile.models())
+
+
+def random_weights(profile_name: str) -> bool:
+    profile = _profile(profile_name)
+    return profile is not None and profile.random_weights is not None
 
 
 def note(profile_name: str) -> str:
     """One sentence saying what the audit of this profile can and cannot show."""
+    if compares_to_paper(profile_name) and random_weights(profile_name):
+        return (f"Profile '{profile_name}' runs the paper's model architectures and tokenizers with RANDOM weights: "
+                "every published number is measured and compared, but the values are meaningless; the run only "
+                "shows that the paper's pipeline runs end to end.")
     if compares_to_paper(profile_name):
-        return ("Profile 'paper' runs the paper's models, so measured numbers are compared with the published "
-                "ones within stated tolerances, and the paper's qualitative claims are checked.")
+        return (f"Profile '{profile_name}' runs the paper's models, so measured numbers are compared with the "
+                "published ones within stated tolerances, and the paper's qualitative claims are checked.")
     return (f"Profile '{profile_name}' runs different (smaller) models from the paper's, so its numbers are not "
             "compared with the published ones; the checks below test whether the paper's qualitative claims "
             "hold for these models.")

@@ -126,3 +126,11 @@ def test_extends_merges_mappings_and_detects_cycles(tmp_path):
     loop.write_text(f"extends: {loop}\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_profile(loop)
+
+
+def test_the_audit_compares_paper_shape_with_the_published_numbers_and_says_the_weights_are_random():
+    from analysis.audit import compares_to_paper, note
+
+    assert compares_to_paper("paper") and compares_to_paper("paper-shape") and not compares_to_paper("tiny")
+    assert "RANDOM weights" in note("paper-shape") and "meaningless" in note("paper-shape")
+    assert "RANDOM" not in note("paper") and "compared with the published" in note("paper")
