@@ -126,9 +126,9 @@ def test_logit_var_and_selection_equal_slow_loop_and_original(arch, variant):
 
 
 def originals_logit_var(W_out: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:
-    """IoU.py's expression, verbatim: Python evaluates it left to right as ((W / |W|) @ W_U) / |W_U|."""
-    last_layer_neurons, unemb = W_out, W_U
-    normalized_composition = last_layer_neurons / last_layer_neurons.norm(dim=1).unsqueeze(1) @ unemb / unemb.norm(dim=0)
+    """IoU.py's expression (its names: last_layer_neurons, unemb): Python evaluates it left to right, as
+    ((W / |W|) @ W_U) / |W_U|."""
+    normalized_composition = W_out / W_out.norm(dim=1).unsqueeze(1) @ W_U / W_U.norm(dim=0)
     return normalized_composition.var(dim=1)
 
 
