@@ -90,6 +90,9 @@ class ModelSettings:
     refusal_coef_of: Literal["steered_model", "direction_model"] = "steered_model"
     # Template used when extracting the direction, if not the model's own (Tulu: the plain base template).
     refusal_extract_template: Optional[str] = None
+    # dtype of the refusal experiment for this model, if not the profile's (the original runs Llama-2-13b(-chat)
+    # in float16 where the Llama-3.1 family runs in bfloat16).
+    refusal_dtype: Optional[Dtype] = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,12 @@ p = refusal_pos (negative, from the end of the prompt) from the model table; mea
 prompt template is the model's own (`template`) unless the table names another for extraction
 (`refusal_extract_template`: the original extracts the Tulu SFT direction with the plain base template).
 
+Precision and tokens: a model runs in its table's `refusal_dtype` if set (Llama-2-13b(-chat): float16, as the
+original), else in the profile's dtype; provenance records which (`model_dtypes`). The means are float64 and the
+stored directions float32, where the original's are bf16 (its shipped unit directions). Every prompt starts with
+one BOS; the original's Mistral template "<s>[INST] ..." plus the tokenizer's BOS gave two, a bug kept corrected
+here (no published number uses Mistral's refusal).
+
 Steering (replication/steering.py): greedy generation of max_new_tokens with hooks at every position;
 addition / subtraction = +/- coef x r at resid_pre, resid_mid and resid_post of block refusal_apply_layer
 (three edits, so about 3 x coef in effect, as the original); ablation = r projected out at those three points of
@@ -275,10 +281,18 @@ def generation_unit(model, spec: ModelSpec, items: Sequence[str], steer: Steerin
 # Running a profile
 
 
+def model_dtype(profile: Profile, spec: ModelSpec) -> str:
+    """The dtype a model runs in here: its table's refusal_dtype (the original's float16 Llama-2-13b models) or
+    the profile's."""
+    return spec.settings.refusal_dtype or profile.dtype
+
+
 def open_store(profile: Profile, name: str = EXPERIMENT) -> CubeStore:
+    """The profile's cube; provenance records each model's dtype beside the profile's."""
     specs = [profile.model_spec(key) for key in profile.models(EXPERIMENT)]
     return CubeStore(results_dir(profile.name) / f"{name}.zarr", provenance=provenance(
-        profile, specs, dtype=profile.dtype, device=profile.device, seed=profile.seed, experiment=name))
+        profile, specs, dtype=profile.dtype, device=profile.device, seed=profile.seed, experiment=name)
+        | {"model_dtypes": {spec.key: model_dtype(profile, spec) for spec in specs}})
 
 
 def run(profile: Profile, *, progress: bool = True) -> Path:
@@ -293,7 +307,7 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
     for key in tqdm(keys, desc="refusal directions", disable=not progress):
         if not store.has_unit(f"direction__{key}"):
             spec = profile.model_spec(key)
-            model = load_model(spec, dtype=profile.dtype, device=profile.device)
+            model = load_model(spec, dtype=model_dtype(profile, spec), device=profile.device)
             store.write_unit(f"direction__{key}", direction_unit(model, spec, train, batch_size=batch_size,
                                                                  progress=progress))
             del model
@@ -309,7 +323,7 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
         if not todo:
             continue
         spec = profile.model_spec(key)
-        model = load_model(spec, dtype=profile.dtype, device=profile.device)
+        model = load_model(spec, dtype=model_dtype(profile, spec), device=profile.device)
         for condition in tqdm(todo, desc=key, leave=False, disable=not progress):
             direction = None if condition.source == NONE else chosen_direction(units[condition.source])
             steer = condition_steering(profile, condition, direction)
@@ -425,7 +439,7 @@ def sweep(profile: Profile, *, n_validation: int = 32, max_new_tokens: int = 6, 
             if not store.has_unit(f"sweep__{key}"):
                 spec = profile.model_spec(key)
                 layers = None if key != base else [chosen[posts[0]]["refusal_layer"]]
-                model = load_model(spec, dtype=profile.dtype, device=profile.device)
+                model = load_model(spec, dtype=model_dtype(profile, spec), device=profile.device)
                 store.write_unit(f"sweep__{key}", sweep_model(
                     model, spec, direction_items, validation, layers, max_new_tokens=max_new_tokens,
                     batch_size=profile.batch_size_for(EXPERIMENT), progress=progress))

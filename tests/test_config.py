@@ -43,10 +43,10 @@ ORIGINAL_SETTINGS = {
     "mistral-7b-instruct": dict(probe_layer=13, intervene_layer=8, refusal_layer=12, refusal_pos=-1),
     "llama-2-13b": dict(probe_layer=14, intervene_layer=8, refusal_layer=14, refusal_apply_layer=13,
                         refusal_pos=-4, refusal_coef_add=4.0, refusal_coef_sub=4.0,
-                        refusal_coef_of="direction_model"),
+                        refusal_coef_of="direction_model", refusal_dtype="float16"),
     "llama-2-13b-chat": dict(probe_layer=14, intervene_layer=8, refusal_layer=14, refusal_apply_layer=13,
                              refusal_pos=-1, refusal_coef_add=5.0, refusal_coef_sub=5.0,
-                             refusal_coef_of="direction_model"),
+                             refusal_coef_of="direction_model", refusal_dtype="float16"),
 }
 
 

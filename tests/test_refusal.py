@@ -83,6 +83,70 @@ def test_direction_cosines_of_the_authors_shipped_directions(mirror):
     np.testing.assert_allclose(cosines.numpy(), cosines.numpy().T)
 
 
+def test_direction_unit_reads_hidden_states_at_the_refusal_layer_and_position(tokenizer):
+    """TransformerLens resid_pre L is HF hidden_states[L] (the input of block L), read at refusal_pos: checked
+    against a plain forward of each prompt alone, here at a position other than -1 and a block other than the
+    last, so that an off-by-one in either would show."""
+    spec = load_model_table()["tiny-llama"]
+    spec = dataclasses.replace(spec, settings=dataclasses.replace(spec.settings, refusal_layer=1, refusal_pos=-2))
+    hf_model = build_model("llama", seed=5, tokenizer=tokenizer)
+    model = LanguageModel(hf_model, tokenizer=tokenizer)
+    train = {"harmful": ["Tell me how to build a bomb.", "Write a poem about the sea.", "Hack it."],
+             "harmless": ["Explain it.", "hi", "Name three colours of the rainbow, please."]}
+    unit = refusal.direction_unit(model, spec, train, batch_size=2)
+    for kind in refusal.KINDS:
+        for i, text in enumerate(refusal.prompts(model, spec, train[kind])):
+            with torch.no_grad():
+                states = hf_model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states
+            acts = unit["activation"].sel(kind=kind, instruction=i).values
+            np.testing.assert_allclose(acts, states[1][0, -2].numpy(), atol=1e-5)
+            assert not np.allclose(acts, states[2][0, -2].numpy(), atol=1e-3)
+            assert not np.allclose(acts, states[1][0, -1].numpy(), atol=1e-3)
+    activation = torch.from_numpy(unit["activation"].values)
+    expected = refusal.unit_vector(refusal.mean_difference(activation[0], activation[1]))
+    np.testing.assert_allclose(refusal.chosen_direction(unit).numpy(), expected.numpy(), atol=1e-6)
+
+
+def originals_bf16_direction(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
+    """extract_refusal_dir.py on its bf16 cache: means, difference and normalisation all in bf16."""
+    refusal_dir = harmful.mean(dim=0) - harmless.mean(dim=0)
+    return refusal_dir / refusal_dir.norm()
+
+
+def test_shipped_directions_and_the_originals_bf16_arithmetic(mirror):
+    """The shipped directions are bf16 (4096,) = Llama-3.1-8B's hidden size, unit norm only to bf16 rounding (the
+    original normalises in bf16). The project's float64 means and float32 unit directions against the original's
+    bf16 arithmetic, on bf16 activations whose mean differences are the shipped directions (norm 3, common mean
+    10 times that, noise as large): each direction agrees to a cosine above 0.9998, and the cosines between the
+    models' directions (the published 0.25 / 0.44 / 0.07) move by under 1e-3 (their tolerance is 0.05)."""
+    files = [mirror / "paper_artifacts" / f"refusal_dir_{name}.pt" for name in ("llama-3.1-8b",
+                                                                               "llama-3.1-8b-instruct", "tulu")]
+    if not all(f.exists() for f in files):
+        pytest.skip("the shipped refusal directions are not in the mirror")
+    shipped = [torch.load(f, map_location="cpu") for f in files]
+    assert all(d.dtype == torch.bfloat16 and d.shape == (4096,) for d in shipped)
+    norms = np.array([d.double().norm().item() for d in shipped])
+    assert np.abs(norms - 1).max() < 2 ** -8 and np.abs(norms - 1).max() > 1e-3  # bf16-normalised, not exactly 1
+
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.randn(4096, generator=generator)
+    mean = 30 * mean / mean.norm()
+    ours, originals = [], []
+    for direction in shipped:
+        harmful, harmless = ((mean + sign * 1.5 * direction.float() + 30 / 64 * torch.randn(
+            128, 4096, generator=generator)).to(torch.bfloat16) for sign in (1, -1))
+        ours.append(refusal.unit_vector(refusal.mean_difference(harmful, harmless)).float())
+        originals.append(originals_bf16_direction(harmful, harmless))
+    ours, originals = torch.stack(ours), torch.stack(originals)
+    assert originals.dtype == torch.bfloat16 and ours.dtype == torch.float32
+    np.testing.assert_allclose(ours.double().norm(dim=-1).numpy(), 1.0, atol=1e-6)
+    assert np.abs(originals.double().norm(dim=-1).numpy() - 1).max() > 1e-4  # like the shipped files
+    agreement = torch.nn.functional.cosine_similarity(ours.double(), originals.double(), dim=-1)
+    assert agreement.min() > 0.9998
+    shift = refusal.direction_cosines(ours) - refusal.direction_cosines(originals)
+    assert shift.abs().max() < 1e-3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The experiment on tiny models
 
@@ -141,6 +205,40 @@ def test_coefficients_follow_the_model_table():
     assert refusal.coefficient(paper, dataclasses.replace(chat_on_base, source="llama-2-13b")) == 4.0
     steer = refusal.condition_steering(paper, chat_on_base, torch.ones(3))
     assert (steer.layer, steer.attn_out_path) == (13, "self_attn")  # applied at block 13, extracted at 14
+
+
+def test_models_run_in_the_originals_dtype():
+    """extract_refusal_dir.py and apply_refusal_dir.py load Llama-2-13b(-chat) in float16 and the Llama-3.1 and
+    Mistral models in bfloat16 (the paper profile's dtype)."""
+    paper = load_profile("paper")
+    assert {key: refusal.model_dtype(paper, paper.model_spec(key)) for key in paper.models("refusal")} == {
+        "llama-3.1-8b": "bfloat16", "llama-3.1-8b-sft": "bfloat16", "llama-3.1-8b-instruct": "bfloat16",
+        "mistral-7b": "bfloat16", "mistral-7b-sft": "bfloat16", "mistral-7b-instruct": "bfloat16",
+        "llama-2-13b": "float16", "llama-2-13b-chat": "float16"}
+
+
+def test_run_loads_a_model_in_its_refusal_dtype_and_records_it(tiny_pair, processed_data, tmp_path, monkeypatch):
+    table = dict(tiny_pair.model_table)
+    table["tiny-llama"] = dataclasses.replace(table["tiny-llama"], settings=dataclasses.replace(
+        table["tiny-llama"].settings, refusal_dtype="float16"))
+    profile = dataclasses.replace(tiny_pair, model_table=table)
+    loads = []
+
+    class Loaded(Exception):
+        pass
+
+    def record(spec, dtype, device):
+        loads.append((spec.key, dtype))
+        raise Loaded  # the first load is all this test needs
+
+    monkeypatch.setattr(refusal, "load_model", record)
+    monkeypatch.setenv("PTR_RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv("PTR_DATA_DIR", str(processed_data))
+    with pytest.raises(Loaded):
+        refusal.run(profile, progress=False)
+    assert loads == [("tiny-llama", "float16")]
+    attrs = refusal.open_store(profile).attrs
+    assert attrs["model_dtypes"] == {"tiny-llama": "float16", "tiny-chat": "float32"} and attrs["dtype"] == "float32"
 
 
 def test_run_writes_directions_cosines_and_every_condition(tiny_run, tiny_pair, tokenizer):
