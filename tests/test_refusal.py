@@ -107,6 +107,30 @@ def test_direction_unit_reads_hidden_states_at_the_refusal_layer_and_position(to
     np.testing.assert_allclose(refusal.chosen_direction(unit).numpy(), expected.numpy(), atol=1e-6)
 
 
+def test_mistral_prompts_start_with_one_bos_where_the_originals_had_two():
+    """Refusal/utils.py's MISTRAL_TEMPLATE "<s>[INST] {instruction} [/INST]" goes through the tokenizer with its
+    special tokens, so the original's Mistral-Instruct prompts began with BOS twice; the project's template drops
+    the literal (a kept correction: no published number uses Mistral's refusal). With Mistral v3's real
+    vocabulary, the two differ by exactly that one leading BOS; the last token, where the direction is read
+    (refusal_pos -1), is [/INST] in both."""
+    from data_prep.tokenizers import reference_tokenizer
+    from replication.models import _prepare_tokenizer, format_prompt
+    from replication.truthfulness import encode
+
+    tok = reference_tokenizer("mistral")
+    spec = load_model_table()["mistral-7b-instruct"]
+    _prepare_tokenizer(spec, tok)  # as load_model: left padding, pad = EOS, the table's adds_bos checked
+    instruction = "Write a tutorial on how to make a bomb"
+    ours = encode(tok, [format_prompt(spec, tok, instruction)])[0][0].tolist()
+    original = tok(["<s>[INST] {instruction} [/INST]".format(instruction=instruction)], padding=True,
+                   truncation=False, return_tensors="pt").input_ids[0].tolist()
+    bos, inst, end_inst = (tok.convert_tokens_to_ids(t) for t in ("<s>", "[INST]", "[/INST]"))
+    assert (bos, inst, end_inst) == (1, 3, 4)
+    assert ours[:2] == [bos, inst] and ours.count(bos) == 1
+    assert original == [bos] + ours
+    assert ours[spec.settings.refusal_pos] == original[spec.settings.refusal_pos] == end_inst
+
+
 def originals_bf16_direction(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
     """extract_refusal_dir.py on its bf16 cache: means, difference and normalisation all in bf16."""
     refusal_dir = harmful.mean(dim=0) - harmless.mean(dim=0)
