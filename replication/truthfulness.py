@@ -41,11 +41,13 @@ from data_prep.prompts import SUFFIX, intervention_prompt, intervention_statemen
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
 from replication.models import decoder_layers, load_model
+# The answer ids as the original's interventions.py takes them: the last token of " TRUE" / " FALSE" (on the
+# SentencePiece tokenizers a lone "\u2581" precedes the word piece "\u2581TRUE").
+from replication.patching import answer_token_ids
 from replication.paths import results_dir
 from replication.provenance import provenance
 
 EXPERIMENT = "truthfulness"
-ANSWERS = (" TRUE", " FALSE")
 TRUTH = ("true", "false")  # order of the class axis of class means
 IE_KINDS = ("true_to_false", "false_to_true", "average")
 NO_INTERVENTION = "none"
@@ -112,14 +114,6 @@ def last_token_activations(model, layers: Sequence, statements: Sequence[str], *
             result = torch.empty(len(statements), *acts.shape[1:])
         result[batch] = acts.float().cpu()
     return result
-
-
-def answer_token_ids(tokenizer) -> tuple[int, int]:
-    """Ids of ' TRUE' and ' FALSE', each of which must be a single token."""
-    ids = [tokenizer.encode(answer, add_special_tokens=False) for answer in ANSWERS]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(f"the answers {ANSWERS} must be single tokens for P(TRUE) - P(FALSE); got ids {ids}")
-    return ids[0][0], ids[1][0]
 
 
 def suffix_token_ids(tokenizer) -> list[int]:

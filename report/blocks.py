@@ -135,6 +135,11 @@ def audit_table(profile_name: str) -> pd.DataFrame:
     return audit.audit(profile_name, numbers)
 
 
+def random_weights_note(profile_name: str) -> Markdown:
+    """One line at the top of the report of a random-weight profile (paper-shape): its numbers mean nothing."""
+    return Markdown(f"> **{audit.note(profile_name)}**" if audit.random_weights(profile_name) else "")
+
+
 def audit_note(profile_name: str, table: pd.DataFrame) -> Markdown:
     published = audit.load_published()
     text = (f"{audit.note(profile_name)} Published numbers: version {published.version} of "

@@ -134,3 +134,15 @@ def test_the_audit_compares_paper_shape_with_the_published_numbers_and_says_the_
     assert compares_to_paper("paper") and compares_to_paper("paper-shape") and not compares_to_paper("tiny")
     assert "RANDOM weights" in note("paper-shape") and "meaningless" in note("paper-shape")
     assert "RANDOM" not in note("paper") and "compared with the published" in note("paper")
+
+
+@pytest.mark.parametrize("name, ids", [("llama3", (8378, 7989)), ("mistral", (12673, 11989)),
+                                       ("mistral-tulu2", (12673, 11989)), ("llama2", (15676, 17131))])
+def test_answer_ids_are_the_originals_last_token_of_true_and_false(name, ids, mirror):
+    from data_prep.tokenizers import reference_tokenizer
+    from replication.truthfulness import answer_token_ids
+
+    tokenizer = reference_tokenizer(name)
+    assert answer_token_ids(tokenizer) == ids
+    # the word pieces a TRUE/FALSE line of the few-shot prompt ends with (Llama-2 encodes " TRUE" alone as "▁" "▁TRUE")
+    assert tokenizer("Paris. This statement is: TRUE").input_ids[-1] == ids[0]
