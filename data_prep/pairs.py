@@ -9,6 +9,16 @@ original's hard-coded patterns and pair counts exactly.
 
 A tokenizer is a plain `encode(text) -> list[int]` without BOS.
 
+Statements are tokenized twice. Alone, as the original filters them (its patterns and pair sets); and as they are
+tokenized inside the patching prompt, where every statement follows a few-shot line's newline (`in_prompt`). The
+two differ for SentencePiece tokenizers: alone a statement starts with "▁" (SentencePiece's dummy prefix), after
+a newline it does not, so "▁Fif ty" alone is "F if ty" in the prompt. The original labels the prompt's last tokens
+with the alone roles; here the roles (and the patched positions) are the statement's tokens in the prompt. Of the
+original's statements, those whose prompt tokenization has another shape than the dataset's most common one are
+dropped (the original mislabels them, and stops where a TRUE and a FALSE prompt differ in length);
+`labelled_differently_by_original` lists the pairs whose alone roles differ from their prompt roles. For Llama-3
+the two tokenizations agree and nothing changes.
+
 Token roles (one label per statement token):
   [s1] [s2] ..  subject tokens         [o1] [o2] ..  object tokens
   The, city ..  template words (a word of n > 1 tokens: word#1 .. word#n)
@@ -19,10 +29,12 @@ Token roles (one label per statement token):
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from itertools import accumulate
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +50,7 @@ SLOTS = ("s", "o")
 KNOWLEDGE_ROLE = re.compile(r"\[[sok]\d+\]")
 _PIECE = re.compile(r" ?\{[so]\}| ?[^ {]+")  # template words; a slot is split off the quotes around it
 _SLOT = re.compile(r"( ?)\{([so])\}")
+PROMPT_LEAD = "\n"  # what precedes a statement in the patching prompt: the end of the last few-shot line
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,7 @@ class PatchingSpec:
     few_shot_false: list[str]
     template: str | None = None
     fixed_slot_lengths: dict[str, dict[str, int]] = field(default_factory=dict)
+    patched_before_statement: int = 0  # prompt tokens right before the statement that are patched too
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,8 @@ class PairSet:
 def patching_specs() -> dict[str, PatchingSpec]:
     """patching.yaml, validated on load."""
     doc = yaml.safe_load(PATCHING_YAML.read_text())
-    allowed = {"pairing", "template", "few_shot_true", "few_shot_false", "fixed_slot_lengths"}
+    allowed = {"pairing", "template", "few_shot_true", "few_shot_false", "fixed_slot_lengths",
+               "patched_before_statement"}
     specs = {}
     for name, entry in doc.items():
         where = f"{PATCHING_YAML}, dataset {name!r}"
@@ -88,6 +103,9 @@ def patching_specs() -> dict[str, PatchingSpec]:
             slots = [m.group(2) for m in _SLOT.finditer(entry["template"])]
             if slots != list(SLOTS):
                 raise DataError(f"{where}: template must contain {{s}} then {{o}} once each, got {entry['template']!r}")
+        before = entry.get("patched_before_statement", 0)
+        if not isinstance(before, int) or before < 0:
+            raise DataError(f"{where}: patched_before_statement must be a token count >= 0, got {before!r}")
         for key, lengths in entry.get("fixed_slot_lengths", {}).items():
             if set(lengths) != set(SLOTS) or not all(isinstance(n, int) and n > 0 for n in lengths.values()):
                 raise DataError(f"{where}: fixed_slot_lengths[{key!r}] must be {{s: n, o: m}} with n, m >= 1")
@@ -101,6 +119,20 @@ def patching_spec(name: str) -> PatchingSpec:
         raise DataError(f"no patching data for dataset {name!r}; known datasets (data_prep/patching.yaml): "
                         f"{sorted(specs)}")
     return specs[name]
+
+
+def in_prompt(encode: Encode) -> Encode:
+    """`encode` of a statement as it is tokenized inside the patching prompt, after PROMPT_LEAD."""
+    lead = encode(PROMPT_LEAD)
+
+    def encode_in_prompt(text: str) -> list[int]:
+        tokens = encode(PROMPT_LEAD + text)
+        if tokens[:len(lead)] != lead:
+            raise DataError(f"the tokenizer merges the newline before a statement with its first characters "
+                            f"({text[:30]!r}...); patched positions cannot start at the statement")
+        return tokens[len(lead):]
+
+    return encode_in_prompt
 
 
 # ---- template datasets ----
@@ -149,14 +181,35 @@ def slot_lengths(pieces: list[str], pattern: tuple) -> dict[str, int]:
 
 def pattern_roles(pieces: list[str], pattern: tuple) -> list[str]:
     """Token-role labels of a pattern, e.g. ['The', 'city', 'of', '[s1]', '[s2]', '[s3]', 'is', 'in', '[o1]', '.']"""
+    return count_roles(pieces, [part if _SLOT.fullmatch(piece) else len(part) for piece, part in zip(pieces, pattern)])
+
+
+def count_roles(pieces: list[str], counts: list[int]) -> list[str]:
+    """Token-role labels given each piece's token count: [s1].. / [o1].. in slots, the word (word#1.. when it
+    takes several tokens) elsewhere."""
     roles = []
-    for piece, part in zip(pieces, pattern):
+    for piece, n in zip(pieces, counts):
         if m := _SLOT.fullmatch(piece):
-            roles += [f"[{m.group(2)}{j}]" for j in range(1, part + 1)]
+            roles += [f"[{m.group(2)}{j}]" for j in range(1, n + 1)]
         else:
             word = piece.strip()
-            roles += [word] if len(part) == 1 else [f"{word}#{j}" for j in range(1, len(part) + 1)]
+            roles += [word] if n == 1 else [f"{word}#{j}" for j in range(1, n + 1)]
     return roles
+
+
+def offset_roles(template: str, statement: str, token_ends: list[int]) -> list[str] | None:
+    """Roles of a statement's tokens from where each token ends (character offset in the statement): a token
+    belongs to the template piece holding its last character. None when the statement does not fit the template
+    or a piece gets no token of its own (a token spans it)."""
+    pieces = template_pieces(template)
+    texts = split_statement(statement, pieces)
+    if texts is None:
+        return None
+    bounds = list(accumulate(len(text) for text in texts))  # piece i ends before character bounds[i]
+    counts = Counter(bisect_right(bounds, end - 1) for end in token_ends)
+    if sorted(counts) != list(range(len(pieces))):
+        return None
+    return count_roles(pieces, [counts[i] for i in range(len(pieces))])
 
 
 def choose_pattern(patterns: list[tuple | None], pieces: list[str], fixed: dict[str, int] | None) -> tuple:
@@ -188,23 +241,31 @@ def pair_by_last_word(true_statements: list[str], false_statements: list[str]) -
 
 
 def template_pairs(spec: PatchingSpec, table: pd.DataFrame, encode: Encode, tokenizer_key: str) -> PairSet:
+    """The original's selection (the most common pattern of the statements tokenized alone), then, of those, the
+    statements with the most common pattern as tokenized in the prompt, paired by last word; roles from the latter."""
     pieces = template_pieces(spec.template)
     patterns = [token_pattern(s, pieces, encode) for s in table["statement"]]
     chosen = choose_pattern(patterns, pieces, spec.fixed_slot_lengths.get(tokenizer_key))
-    keep = [p == chosen for p in patterns]
-    kept = table[keep]
-    true_statements = kept.loc[kept["label"] == 1, "statement"].tolist()
-    false_statements = kept.loc[kept["label"] == 0, "statement"].tolist()
-    roles = pattern_roles(pieces, chosen)
+    kept = table[[p == chosen for p in patterns]]
+    prompt_patterns = [token_pattern(s, pieces, in_prompt(encode)) for s in kept["statement"]]
+    prompt_chosen = choose_pattern(prompt_patterns, pieces, None)
+    in_shape = kept[[p == prompt_chosen for p in prompt_patterns]]
+    true_statements = in_shape.loc[in_shape["label"] == 1, "statement"].tolist()
+    false_statements = in_shape.loc[in_shape["label"] == 0, "statement"].tolist()
+    roles = pattern_roles(pieces, prompt_chosen)
+    alone_roles = pattern_roles(pieces, chosen)
     pairs = [Pair(t, f, roles) for t, f in pair_by_last_word(true_statements, false_statements)]
     pattern = {
-        "pairing": spec.pairing, "template": spec.template, "roles": roles,
-        "slot_lengths": slot_lengths(pieces, chosen),
+        "pairing": spec.pairing, "template": spec.template, "roles": roles, "alone_roles": alone_roles,
+        "slot_lengths": slot_lengths(pieces, prompt_chosen), "alone_slot_lengths": slot_lengths(pieces, chosen),
         "slot_lengths_fixed_by_config": tokenizer_key in spec.fixed_slot_lengths,
         "pieces": [{"piece": p, "tokens": list(part) if isinstance(part, tuple) else part}
-                   for p, part in zip(pieces, chosen)],
+                   for p, part in zip(pieces, prompt_chosen)],
         "statements": len(table), "fitting_template": sum(p is not None for p in patterns),
-        "matching_pattern": {"true": len(true_statements), "false": len(false_statements)},
+        "matching_pattern": {"true": int((kept["label"] == 1).sum()), "false": int((kept["label"] == 0).sum())},
+        "dropped_other_prompt_shape": len(kept) - len(in_shape),
+        # The original labels the prompt's last tokens with the alone roles: wrong wherever they differ.
+        "labelled_differently_by_original": list(range(len(pairs))) if roles != alone_roles else [],
     }
     return PairSet(pairs, pattern)
 
@@ -223,10 +284,14 @@ def difference_roles(true_tokens: list[int], false_tokens: list[int]) -> list[st
 
 
 def consecutive_pairs(spec: PatchingSpec, table: pd.DataFrame, encode: Encode) -> PairSet:
+    """Rows 2k, 2k+1 with equal token counts alone (the original's filter) and in the prompt (else the original's
+    run stops: TRUE and FALSE prompts of different lengths); roles from the prompt tokenization. (The original
+    finds tulu_extracted's knowledge tokens in the prompt too, after a fixed prefix length; see patching.yaml.)"""
     if len(table) % 2:
         raise DataError(f"{spec.name}: {len(table)} rows; consecutive_rows pairing needs an even number of rows")
-    pairs, unequal = [], 0
+    pairs, unequal, unequal_in_prompt = [], 0, 0
     rows = list(zip(table["statement"], table["label"]))
+    encode_in_prompt = in_prompt(encode)
     for i in range(0, len(rows), 2):
         (t_statement, t_label), (f_statement, f_label) = rows[i], rows[i + 1]
         if (t_label, f_label) != (1, 0):
@@ -236,9 +301,13 @@ def consecutive_pairs(spec: PatchingSpec, table: pd.DataFrame, encode: Encode) -
         if len(t_tokens) != len(f_tokens):
             unequal += 1
             continue
-        pairs.append(Pair(t_statement, f_statement, difference_roles(t_tokens, f_tokens)))
+        t_prompt, f_prompt = encode_in_prompt(t_statement), encode_in_prompt(f_statement)
+        if len(t_prompt) != len(f_prompt):
+            unequal_in_prompt += 1
+            continue
+        pairs.append(Pair(t_statement, f_statement, difference_roles(t_prompt, f_prompt)))
     pattern = {"pairing": spec.pairing, "statements": len(table), "row_pairs": len(table) // 2,
-               "skipped_unequal_token_length": unequal}
+               "skipped_unequal_token_length": unequal, "skipped_unequal_token_length_in_prompt": unequal_in_prompt}
     return PairSet(pairs, pattern)
 
 

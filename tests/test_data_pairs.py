@@ -193,11 +193,46 @@ def test_mistral_standin_reproduces_the_original_mistral_patterns(processed_data
     encode = standin_encoder("mistral")
     for dataset, slots in ORIGINAL_MISTRAL_SLOTS.items():
         pair_set = build_pairs(dataset, read_truth(dataset), encode, "mistral")
-        assert pair_set.pattern["slot_lengths"] == slots, dataset
+        assert pair_set.pattern["alone_slot_lengths"] == slots, dataset
         assert pair_set.pattern["slot_lengths_fixed_by_config"] == (dataset == "smaller_than")
         assert pair_set.pairs
     cities = build_pairs("cities", read_truth("cities"), encode, "mistral").pattern["pieces"]
-    assert [p["tokens"] for p in cities] == [[1183], [3758], [1070], 3, [1117], [1065], 1, [29491]]
+    # in the prompt "The" follows a newline: no "▁" (id 1183 alone), the rest as alone
+    assert [p["tokens"] for p in cities] == [encode("\nThe")[2:], [3758], [1070], 3, [1117], [1065], 1, [29491]]
+
+
+# In the prompt a statement follows a newline, where SentencePiece puts no "▁": the first word splits differently.
+# (dataset, tokenizer) -> (statements of the original's pattern dropped for another shape in the prompt, pairs, the
+# prompt's subject/object token counts, pairs whose original labels (alone roles counted from the end) are wrong).
+# Llama-2: "Eighty" is "▁E ight y" alone but "E ight y" or "Eight y" after a newline, depending on the number.
+PROMPT_SHAPES = {("larger_than", "mistral"): (0, 389, {"s": 5, "o": 3}, 389),
+                 ("smaller_than", "mistral"): (0, 249, {"s": 5, "o": 4}, 249),
+                 ("cities", "mistral"): (0, 229, {"s": 3, "o": 1}, 0),
+                 ("larger_than", "llama2"): (159, 66, {"s": 5, "o": 4}, 0),
+                 ("smaller_than", "llama2"): (159, 88, {"s": 5, "o": 4}, 0),
+                 ("larger_than", "llama3"): (0, 406, {"s": 3, "o": 2}, 0)}
+
+
+@pytest.mark.parametrize("dataset, key", sorted(PROMPT_SHAPES))
+def test_roles_are_the_statement_tokens_inside_the_prompt(processed_data, dataset, key):
+    from data_prep.prompts import SUFFIX, patching_prompts
+    from data_prep.tokenizers import reference_tokenizer
+
+    tokenizer = reference_tokenizer(key)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    pair_set = build_pairs(dataset, read_truth(dataset), encode, key)
+    dropped, kept, slots, relabelled = PROMPT_SHAPES[dataset, key]
+    assert pair_set.pattern["dropped_other_prompt_shape"] == dropped
+    assert len(pair_set.pairs) == kept and pair_set.pattern["slot_lengths"] == slots
+    assert len(pair_set.pattern["labelled_differently_by_original"]) == relabelled
+    # slow and obvious: the last tokens of every prompt are the statement's, as many as it has roles
+    for pair, prompts in zip(pair_set.pairs, patching_prompts(dataset, pair_set.pairs)):
+        for statement, prompt in zip((pair.true, pair.false), prompts):
+            encoded = tokenizer(prompt, return_offsets_mapping=True)
+            start = len(prompt) - len(statement + SUFFIX)
+            inside = [i for i, (a, b) in enumerate(encoded.offset_mapping) if b > start]
+            assert len(inside) == len(pair.roles) + 4
+            assert encoded.offset_mapping[inside[0]][0] >= start - 1  # at most the space "▁" maps to
 
 
 def test_patching_yaml_typo_is_an_error_naming_the_key(tmp_path, monkeypatch):
