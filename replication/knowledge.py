@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data_prep.datasets import read_pairs
 from data_prep.errors import DataError
-from data_prep.pairs import KNOWLEDGE_ROLE, Pair, patching_spec
+from data_prep.pairs import KNOWLEDGE_ROLE, Pair, difference_roles, offset_roles, patching_spec
 from data_prep.prompts import SUFFIX, patching_prompts
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
@@ -42,9 +42,10 @@ EXPERIMENT = "knowledge"
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    true_ids: list[int]
-    false_ids: list[int]
-    roles: list[str]  # one label per patched position: the statement's token roles, then the suffix tokens
+    true_ids: list[int]  # the TRUE prompt as the source model tokenizes it
+    false_ids: list[int]  # the FALSE prompt as the target model tokenizes it
+    roles: list[str]  # one label per patched position: tokens patched before the statement, the statement's
+    # token roles, then the suffix tokens
 
     @property
     def n_toks(self) -> int:
@@ -61,22 +62,73 @@ def prompt_prefix(source: ModelSpec, target: ModelSpec) -> str:
     return source.prompt_prefix or target.prompt_prefix
 
 
-def tokenize_pair(tokenizer, pair: Pair, true_prompt: str, false_prompt: str, prefix: str) -> TokenizedPair:
-    """Token ids of both prompts and the roles of the patched positions (statement + suffix), checked: equal
-    lengths, and every token before the statement shared (the few-shot prefix, never patched)."""
-    true_ids = tokenizer(prefix + true_prompt).input_ids
-    false_ids = tokenizer(prefix + false_prompt).input_ids
-    n_suffix = len(tokenizer(pair.false + SUFFIX).input_ids) - len(tokenizer(pair.false).input_ids)
-    suffix_roles = [tokenizer.decode([i]).strip() for i in false_ids[len(false_ids) - n_suffix:]]
-    roles = list(pair.roles) + suffix_roles
-    shared = len(tokenizer(prefix + false_prompt[:-len(pair.false + SUFFIX)]).input_ids)
-    if len(true_ids) != len(false_ids) or shared != len(false_ids) - len(roles) \
-            or true_ids[:shared] != false_ids[:shared]:
-        raise DataError(f"patching pair {pair.true!r} / {pair.false!r}: in the prompt the statement and suffix do "
-                        f"not take {len(roles)} tokens after a shared prefix of {shared} tokens (TRUE prompt "
-                        f"{len(true_ids)}, FALSE prompt {len(false_ids)} tokens); were the pairs built with this "
-                        f"tokenizer? Rebuild them with `ptr data`")
-    return TokenizedPair(true_ids, false_ids, roles)
+@dataclass(frozen=True)
+class PromptTokens:
+    ids: list[int]
+    ends: list[int]  # where each token ends, in characters from the statement's start
+    first: int  # the first token inside the statement
+    suffix: int  # the first token of SUFFIX
+
+
+def prompt_tokens(tokenizer, prompt: str, statement: str) -> PromptTokens:
+    """A prompt ending in `statement` + SUFFIX, tokenized with character offsets: a token belongs where its last
+    character is (special tokens have no characters)."""
+    encoded = tokenizer(prompt, return_offsets_mapping=True)
+    start = len(prompt) - len(statement + SUFFIX)
+    ends = [b - start if b > a else -start for a, b in encoded.offset_mapping]
+    first = next(i for i, end in enumerate(ends) if end > 0)
+    suffix = next(i for i, end in enumerate(ends) if end > len(statement))
+    return PromptTokens(encoded.input_ids, ends, first, suffix)
+
+
+def statement_roles(dataset: str, pair: Pair, true_ids: list[int], false_ids: list[int],
+                    token_ends: tuple[list[int], list[int]]) -> list[str] | None:
+    """Roles of the statement tokens as the prompt tokenizes them: by template piece (from each token's end, in
+    characters from the statement's start; both statements must agree), or where TRUE and FALSE ids differ."""
+    spec = patching_spec(dataset)
+    if spec.pairing == "consecutive_rows":
+        return difference_roles(true_ids, false_ids)
+    roles = [offset_roles(spec.template, statement, ends) for statement, ends in zip((pair.true, pair.false),
+                                                                                     token_ends)]
+    return roles[0] if roles[0] == roles[1] else None
+
+
+def token_role(tokenizer, token_id: int) -> str:
+    """A prompt token's role: its text, stripped ("This", ":"), or escaped where it is blank ("\\n")."""
+    text = tokenizer.decode([token_id])
+    return text.strip() or text.encode("unicode_escape").decode()
+
+
+def tokenize_pair(source_tokenizer, target_tokenizer, dataset: str, pair: Pair, true_prompt: str,
+                  false_prompt: str, prefix: str) -> TokenizedPair:
+    """Token ids of the TRUE prompt for the source model and of the FALSE prompt for the target model (each model
+    tokenizes its own prompt, as the original's model.trace(prompt) does), and the roles of the patched positions:
+    the statement's tokens in the prompt (character offsets) after the dataset's patched_before_statement
+    tokens, then the suffix tokens. Checked: equal lengths,
+    every token before the statement shared (the few-shot prefix, never patched), roles as the pairs were built."""
+    where = f"patching pair {pair.true!r} / {pair.false!r}"
+    true, false = (prompt_tokens(target_tokenizer, prefix + prompt, statement)
+                   for prompt, statement in ((true_prompt, pair.true), (false_prompt, pair.false)))
+    first, suffix = false.first, false.suffix
+    if len(true.ids) != len(false.ids) or (true.first, true.suffix) != (first, suffix) \
+            or true.ids[:first] != false.ids[:first]:
+        raise DataError(f"{where}: the TRUE and FALSE prompts do not tokenize to a shared prefix of equal length "
+                        f"followed by the statement and suffix (TRUE prompt {len(true.ids)} tokens, statement at "
+                        f"{true.first}; FALSE prompt {len(false.ids)}, statement at {first})")
+    roles = statement_roles(dataset, pair, true.ids[first:suffix], false.ids[first:suffix],
+                            (true.ends[first:suffix], false.ends[first:suffix]))
+    if roles != pair.roles:
+        raise DataError(f"{where}: in the prompt the statement's tokens have roles {roles}, the pairs say "
+                        f"{pair.roles}; were the pairs built with this tokenizer? Rebuild them with `ptr data`")
+    start = first - patching_spec(dataset).patched_before_statement
+    roles = ([token_role(target_tokenizer, i) for i in false.ids[start:first]] + roles
+             + [token_role(target_tokenizer, i) for i in false.ids[suffix:]])
+    source = prompt_tokens(source_tokenizer, prefix + true_prompt, pair.true)
+    if (len(source.ids), source.first, source.suffix) != (len(true.ids), first, suffix):
+        raise DataError(f"{where}: the source model tokenizes the TRUE prompt to {len(source.ids)} tokens "
+                        f"(statement at {source.first}), the target model to {len(true.ids)} (statement at {first}); "
+                        f"patched positions would not align (prompt prefix {prefix!r})")
+    return TokenizedPair(source.ids, false.ids, roles)
 
 
 def dataset_pairs(profile: Profile, spec: ModelSpec, dataset: str) -> list[Pair]:
@@ -149,7 +201,8 @@ def patching_unit(profile: Profile, source: PatchModel, target: PatchModel, sour
     pairs = dataset_pairs(profile, target_spec, dataset)
     prefix = prompt_prefix(source_spec, target_spec)
     prompts = patching_prompts(dataset, pairs, seed=profile.seed)
-    tokens = [tokenize_pair(target.lm.tokenizer, pair, *prompt, prefix) for pair, prompt in zip(pairs, prompts)]
+    tokens = [tokenize_pair(source.lm.tokenizer, target.lm.tokenizer, dataset, pair, *prompt, prefix)
+              for pair, prompt in zip(pairs, prompts)]
     patched = patch_dataset(source, target, tokens, pairs_per_batch=profile.batch_size_for(EXPERIMENT),
                             layers_per_batch=profile.experiment(EXPERIMENT).layers_per_batch, progress=progress,
                             desc=unit_name(source_spec.key, target_spec.key, dataset))

@@ -152,7 +152,8 @@ def test_unit_values_equal_the_reference_loop(cube, tiny_profile, dataset):
     prompts = patching_prompts(dataset, pairs, seed=tiny_profile.seed)
     lengths = set()
     for i in range(len(pairs)):
-        tokens = knowledge.tokenize_pair(models["tiny-llama"].lm.tokenizer, pairs[i], *prompts[i], "")
+        tokenizer = models["tiny-llama"].lm.tokenizer
+        tokens = knowledge.tokenize_pair(tokenizer, tokenizer, dataset, pairs[i], *prompts[i], "")
         expected = reference_patch_effects(models["tiny-post"], models["tiny-llama"], torch.tensor(tokens.true_ids),
                                            torch.tensor(tokens.false_ids), tokens.n_toks)
         stored = unit["patch_effect"].values[i]
