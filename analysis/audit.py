@@ -1,9 +1,10 @@
 """The audit: measured numbers beside the paper's published ones, and the paper's qualitative claims checked.
 
 Published numbers, tolerances, claims and the models the numbers describe live in
-``analysis/published_numbers.yaml`` (versioned, with its source). Measured numbers come from the experiment modules: each ``analysis/<experiment>.py`` (knowledge,
-truthfulness, refusal, confidence) exposes ``measured_numbers(profile_name) -> dict[str, float]``. A module
-that does not exist yet, or whose cube ``results/<profile>/<experiment>.zarr`` is missing, contributes nothing.
+``analysis/published_numbers.yaml`` (versioned, with its source). Measured numbers come from the experiment
+modules: each ``analysis/<experiment>.py`` (knowledge, truthfulness, refusal, confidence) exposes
+``measured_numbers(profile_name) -> dict[str, float]``. A module that does not exist yet, or whose cube
+``results/<profile>/<experiment>.zarr`` is missing, contributes nothing.
 
 Keys a module may return (any other key is an error that names it):
 
@@ -11,8 +12,8 @@ Keys a module may return (any other key is an error that names it):
   ``knowledge_causal_tracing.corr.cities``. A module returns them only from the rows of the models the file's
   ``models:`` names (``Published.models``, role -> model key; the role in a key such as ``base_on_sft`` is that
   model's), never from the order of a profile's families; a profile without those models returns none. They are
-  compared with the paper only for the ``paper`` profile (other profiles run other models, so their values are
-  accepted and ignored).
+  compared with the paper only for a profile that runs those models (``compares_to_paper``: ``paper``, and
+  ``paper-shape`` with random weights, whose report and audit say its values are meaningless).
 * Qualitative keys, one per claim, for every profile. POST is each post-trained model of the profile's
   families, BASE its base model; each key aggregates over all (BASE, POST) pairs and datasets the cube holds:
 

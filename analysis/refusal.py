@@ -290,8 +290,9 @@ def measured_numbers(profile_name: str) -> dict[str, float]:
     """Audit numbers. Published keys (refusal_intervention_score.<target role>.<dataset>.<baseline | r_X_on_Y>,
     harmful = HARMFUL_INTERVENTION, harmless = addition; and the cosines of the shipped directions' roles) come
     from the rows of the models published_numbers.yaml `models:` names, in its roles; only keys the published
-    file has are returned (none for a profile without those models). Qualitative keys: the largest BASE-POST direction cosine, and the largest forward-transfer ratio
-    over pairs whose own addition effect is at least MIN_OWN_EFFECT (absent when no pair qualifies)."""
+    file has are returned (none for a profile without those models). Qualitative keys: the largest BASE-POST
+    direction cosine, and the largest forward-transfer ratio over pairs whose own addition effect is at least
+    MIN_OWN_EFFECT (absent when no pair qualifies)."""
     return numbers_from(scores(profile_name), direction_cosines(profile_name))
 
 

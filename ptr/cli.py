@@ -68,19 +68,19 @@ def run(experiment: str, profile: str, fresh: bool = False, dry_run: bool = Fals
     Each run first prints its memory plan and stops when the visible GPU is too small for it."""
     from replication.config import load_profile
     from replication.cubes import StaleCubeError, set_aside
-    from replication.memory import InsufficientMemoryError, check_fits, plan_lines
+    from replication.memory import InsufficientMemoryError, check_fits, plan_lines, residencies
     from replication.models import resolve_device
     from replication.paths import results_dir
 
     prof = load_profile(profile)
     names = EXPERIMENTS if experiment == "all" else (experiment,)
-    device = resolve_device(prof.device)
-    for line in plan_lines(prof, names):
+    device, resident = resolve_device(prof.device), residencies(prof)
+    for line in plan_lines(resident, names):
         click.echo(f"memory plan ({device}): {line}")
     if dry_run:
         return
     try:
-        check_fits(prof, names, device)
+        check_fits(resident, names, device)
     except InsufficientMemoryError as error:
         raise click.ClickException(str(error)) from None
     for name in names:

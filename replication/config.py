@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from replication import shapes
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 MODEL_TABLE = CONFIG_DIR / "models.yaml"
 PROFILE_DIR = CONFIG_DIR / "profiles"
@@ -349,8 +351,6 @@ def _merged(base: dict, override: dict) -> dict:
 def _random_weight_specs(profile: Profile, path: Path) -> dict[str, ModelSpec]:
     """The profile's models as random-weight models of their real shapes (source 'shape'), layer settings mapped
     to the scaled depth."""
-    from replication import shapes
-
     table, scale, specs = shapes.shape_table(), profile.random_weights, {}
     for key in profile.models():
         _check_choice(key, table, "model key (random_weights needs its config)", shapes.SHAPES_FILE)

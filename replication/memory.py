@@ -2,7 +2,9 @@
 
 Parameters are counted from each model's config on PyTorch's meta device (no weights are read or allocated):
 the profile's random-weight shape, the real config.json of a paper model (replication/configs/shapes.yaml), or
-the tiny models' code. `check_fits` refuses a run whose largest set of resident models does not fit the visible
+the tiny models' code. The planner knows how each experiment loads its models (it asks replication.refusal and
+replication.confidence for their dtypes), so it sits beside the command line, above the experiments. `check_fits`
+refuses a run whose largest set of resident models does not fit the visible
 GPU, before any model is loaded.
 """
 from __future__ import annotations
@@ -14,12 +16,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from replication import shapes, tiny
 from replication.config import ModelSpec, Profile, load_model_table
+from replication.confidence import WEIGHTS_DTYPE
+from replication.refusal import model_dtype
 
 GIB = 2 ** 30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Activations, KV caches and the CUDA context on top of the weights (measured runs stay well under this).
 HEADROOM = 1.2
-CONFIDENCE_WEIGHTS_DTYPE = "float32"  # replication.confidence reads the weights in float32
 
 
 class InsufficientMemoryError(RuntimeError):
@@ -52,28 +55,28 @@ def parameter_count(spec: ModelSpec) -> int | None:
 
 
 def residencies(profile: Profile) -> list[Residency]:
-    """Per experiment, each set of models it holds at once: knowledge a base with one post-trained model (for
-    cross-model patching), the others one model at a time (confidence reads weights in float32 first)."""
-    def size(keys, dtype):
-        counts = [parameter_count(profile.model_spec(key)) for key in keys]
-        return None if None in counts else sum(counts) * BYTES[dtype] / GIB
+    """Per experiment, each set of models it holds at once, in the dtype the experiment loads them in: knowledge a
+    base with one post-trained model (cross-model patching), the others one model at a time (refusal in a model's
+    refusal_dtype where the table sets one; confidence reads the weights in float32 first)."""
+    counts = {key: parameter_count(profile.model_spec(key)) for key in profile.models()}
 
-    rows = [Residency("knowledge", pair, profile.dtype, size(pair, profile.dtype))
-            for pair in profile.pairs("knowledge")]
-    for experiment in ("truthfulness", "refusal"):
-        rows += [Residency(experiment, (key,), profile.dtype, size([key], profile.dtype))
-                 for key in profile.models(experiment)]
-    rows += [Residency("confidence", (key,), CONFIDENCE_WEIGHTS_DTYPE, size([key], CONFIDENCE_WEIGHTS_DTYPE))
-             for key in profile.models("confidence")]
+    def residency(experiment: str, keys: tuple[str, ...], dtype: str) -> Residency:
+        sizes = [counts[key] for key in keys]
+        return Residency(experiment, keys, dtype, None if None in sizes else sum(sizes) * BYTES[dtype] / GIB)
+
+    rows = [residency("knowledge", pair, profile.dtype) for pair in profile.pairs("knowledge")]
+    rows += [residency("truthfulness", (key,), profile.dtype) for key in profile.models("truthfulness")]
+    rows += [residency("refusal", (key,), model_dtype(profile, profile.model_spec(key)))
+             for key in profile.models("refusal")]
+    rows += [residency("confidence", (key,), WEIGHTS_DTYPE) for key in profile.models("confidence")]
     return rows
 
 
-def plan_lines(profile: Profile, experiments: tuple[str, ...]) -> list[str]:
-    """One line per experiment: its largest set of resident models and their weights' size."""
+def plan_lines(rows: list[Residency], experiments: tuple[str, ...]) -> list[str]:
+    """One line per experiment: its largest set of resident models (of `residencies`) and their weights' size."""
     lines = []
     for experiment in experiments:
-        rows = [r for r in residencies(profile) if r.experiment == experiment]
-        known = [r for r in rows if r.gib is not None]
+        known = [r for r in rows if r.experiment == experiment and r.gib is not None]
         if not known:
             lines.append(f"{experiment}: model sizes unknown here (no config at hand)")
             continue
@@ -83,12 +86,12 @@ def plan_lines(profile: Profile, experiments: tuple[str, ...]) -> list[str]:
     return lines
 
 
-def check_fits(profile: Profile, experiments: tuple[str, ...], device: str) -> None:
+def check_fits(rows: list[Residency], experiments: tuple[str, ...], device: str) -> None:
     """Raise InsufficientMemoryError when `device` is a GPU smaller than HEADROOM x the largest resident set."""
     if device != "cuda":
         return
     total = torch.cuda.get_device_properties(0).total_memory / GIB
-    for row in residencies(profile):
+    for row in rows:
         if row.experiment in experiments and row.gib is not None and row.gib * HEADROOM > total:
             raise InsufficientMemoryError(
                 f"{row.experiment} holds {' + '.join(row.models)} at once: {row.gib:.1f} GiB of weights in "

@@ -17,7 +17,6 @@ model built in code). Facts other code relies on (transformers 5.24, nnsight 0.8
 """
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from collections.abc import Callable
@@ -83,10 +82,10 @@ def build_shape_model(spec: ModelSpec, *, dtype: torch.dtype, device: str):
 
 
 def _reference_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    """The real tokenizer of a paper model, built offline (data_prep.tokenizers); a copy, as callers set padding."""
+    """The real tokenizer of a paper model, built offline (data_prep.tokenizers; a new object per call)."""
     from data_prep.tokenizers import reference_tokenizer
 
-    return copy.deepcopy(reference_tokenizer(spec.shape["tokenizer"]))
+    return reference_tokenizer(spec.shape["tokenizer"])
 
 
 def pair_tokenizers(profile) -> dict[str, Callable[[str], list[int]]]:

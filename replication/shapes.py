@@ -56,9 +56,8 @@ def scaled_config(config: dict[str, Any], layers: Optional[int], heads: Optional
                                   * MLP_MULTIPLE))
     if layers is not None and layers < config["num_hidden_layers"]:
         config["num_hidden_layers"] = layers
-        for key in ("layer_types",):  # per-layer lists follow the depth
-            if key in config:
-                config[key] = config[key][:layers]
+        if "layer_types" in config:  # a per-layer list follows the depth
+            config["layer_types"] = config["layer_types"][:layers]
     return config
 
 

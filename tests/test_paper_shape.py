@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from replication import shapes
 from replication.config import ConfigError, load_profile
-from replication.memory import GIB, InsufficientMemoryError, check_fits, parameter_count, plan_lines
+from replication.memory import GIB, InsufficientMemoryError, check_fits, parameter_count, plan_lines, residencies
 from replication.models import load_model
 
 
@@ -90,18 +90,21 @@ def test_parameter_count_from_the_config_equals_the_built_model(paper_shape):
 def test_memory_plan_of_the_paper_profile(paper):
     llama2_13b = parameter_count(paper.model_spec("llama-2-13b"))
     assert 13.0e9 < llama2_13b < 13.1e9  # Llama-2-13B: 13,015,864,320 parameters
-    lines = plan_lines(paper, ("knowledge",))
+    lines = plan_lines(residencies(paper), ("knowledge", "refusal"))
     assert lines == [f"knowledge: at most 2 model(s) at once, largest llama-2-13b + llama-2-13b-chat = "
-                     f"{2 * llama2_13b * 2 / GIB:.3g} GiB of weights in bfloat16"]
+                     f"{2 * llama2_13b * 2 / GIB:.3g} GiB of weights in bfloat16",
+                     f"refusal: at most 1 model(s) at once, largest llama-2-13b = {llama2_13b * 2 / GIB:.3g} GiB of "
+                     "weights in float16"]  # refusal runs Llama-2-13B in float16 (its refusal_dtype)
 
 
 def test_a_run_that_does_not_fit_the_gpu_is_refused_before_loading(paper, monkeypatch):
     properties = dataclasses.make_dataclass("Properties", [("total_memory", int)])
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: properties(40 * GIB))
+    rows = residencies(paper)
     with pytest.raises(InsufficientMemoryError, match="llama-2-13b \\+ llama-2-13b-chat"):
-        check_fits(paper, ("knowledge",), "cuda")
-    check_fits(paper, ("truthfulness",), "cuda")  # one 13B model in bf16 fits 40 GiB
-    check_fits(paper, ("knowledge",), "cpu")  # CPU memory is not planned
+        check_fits(rows, ("knowledge",), "cuda")
+    check_fits(rows, ("truthfulness",), "cuda")  # one 13B model in bf16 fits 40 GiB
+    check_fits(rows, ("knowledge",), "cpu")  # CPU memory is not planned
 
 
 def test_ptr_run_dry_run_prints_the_plan_and_runs_nothing(tmp_path, monkeypatch):
@@ -144,5 +147,5 @@ def test_answer_ids_are_the_originals_last_token_of_true_and_false(name, ids, mi
 
     tokenizer = reference_tokenizer(name)
     assert answer_token_ids(tokenizer) == ids
-    # the word pieces a TRUE/FALSE line of the few-shot prompt ends with (Llama-2 encodes " TRUE" alone as "▁" "▁TRUE")
+    # the word piece a TRUE line of the few-shot prompt ends with (Llama-2 encodes " TRUE" alone as "▁", "▁TRUE")
     assert tokenizer("Paris. This statement is: TRUE").input_ids[-1] == ids[0]
