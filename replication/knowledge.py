@@ -15,6 +15,12 @@ BASE patched into POST's FALSE run ("forward") and of POST into BASE's ("backwar
   coords: pair (index into the dataset's pairs), layer, position (offset from the last token: -n .. -1; a pair
   with fewer tokens, possible in tulu_extracted, is NaN / '' in the front positions), and the scalars
   source_model, target_model, dataset. attrs: direction (own/forward/backward), map_kind, n_pairs, answer_ids.
+
+One model is held at a time: a cross-model map needs of its source model only the unpatched TRUE runs
+(replication.patching.true_run), so a pair's models are loaded in turn, BASE, POST, then BASE again for the
+backward maps, each computing its own maps, the TRUE runs of the maps it is the source of (kept on the CPU until
+their target is loaded) and the maps it is the target of. A 13B pair then fits a GPU that holds one 13B model; the
+kept runs take layers x n_toks x hidden numbers per pair (about 6 MB per pair for Llama-2-13B in bf16).
 """
 from __future__ import annotations
 
@@ -32,9 +38,9 @@ from data_prep.pairs import KNOWLEDGE_ROLE, Pair, difference_roles, offset_roles
 from data_prep.prompts import SUFFIX, patching_prompts
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
-from replication.models import load_model, resolve_device
+from replication.models import load_model, load_tokenizer, release, resolve_device
 from replication.paths import results_dir
-from replication.patching import PatchModel, patch_effects
+from replication.patching import PatchModel, TrueRun, answer_token_ids, patch_true_run, true_run
 from replication.provenance import provenance
 
 EXPERIMENT = "knowledge"
@@ -146,18 +152,26 @@ def batches(tokens: list[TokenizedPair], pairs_per_batch: int) -> list[list[int]
             for start in range(0, len(group), pairs_per_batch)]
 
 
-def patch_dataset(source: PatchModel, target: PatchModel, tokens: list[TokenizedPair], *, pairs_per_batch: int,
+def source_runs(source: PatchModel, tokens: list[TokenizedPair], pairs_per_batch: int) -> list[TrueRun]:
+    """The source model's TRUE runs, one per batch of `batches`, on the CPU."""
+    return [true_run(source, torch.tensor([tokens[i].true_ids for i in batch]), tokens[batch[0]].n_toks).to("cpu")
+            for batch in batches(tokens, pairs_per_batch)]
+
+
+def patch_dataset(runs: list[TrueRun], target: PatchModel, tokens: list[TokenizedPair], *, pairs_per_batch: int,
                   layers_per_batch: int | None, progress: bool = True, desc: str = "") -> dict[str, np.ndarray]:
-    """Patch effects of every pair, aligned on the last token: effects [pairs, layers, n_max] (NaN in front
-    for pairs with fewer tokens) and the unpatched logit differences [pairs]."""
+    """Patch effects of every pair from the source's TRUE runs (`source_runs`), aligned on the last token:
+    effects [pairs, layers, n_max] (NaN in front for pairs with fewer tokens) and the unpatched logit
+    differences [pairs]."""
     n_max = max(pair.n_toks for pair in tokens)
     effects = np.full((len(tokens), len(target.layers), n_max), np.nan, dtype=np.float32)
     true_diff = np.empty(len(tokens), dtype=np.float32)
     false_diff = np.empty(len(tokens), dtype=np.float32)
-    for batch in tqdm(batches(tokens, pairs_per_batch), desc=desc, unit="batch", leave=False, disable=not progress):
+    for batch, run in tqdm(list(zip(batches(tokens, pairs_per_batch), runs, strict=True)), desc=desc, unit="batch",
+                           leave=False, disable=not progress):
         n_toks = tokens[batch[0]].n_toks
-        result = patch_effects(source, target, torch.tensor([tokens[i].true_ids for i in batch]),
-                               torch.tensor([tokens[i].false_ids for i in batch]), n_toks, layers_per_batch)
+        result = patch_true_run(run, target, torch.tensor([tokens[i].false_ids for i in batch]), n_toks,
+                                layers_per_batch)
         effects[batch, :, n_max - n_toks:] = result.effects.cpu().numpy()
         true_diff[batch] = result.true_logit_diff.cpu().numpy()
         false_diff[batch] = result.false_logit_diff.cpu().numpy()
@@ -165,7 +179,8 @@ def patch_dataset(source: PatchModel, target: PatchModel, tokens: list[Tokenized
 
 
 def unit_dataset(source_key: str, target_key: str, dataset: str, direction: str, pairs: list[Pair],
-                 tokens: list[TokenizedPair], patched: dict[str, np.ndarray], answer_ids: tuple[int, int]) -> xr.Dataset:
+                 tokens: list[TokenizedPair], patched: dict[str, np.ndarray], answer_ids: tuple[int, int]
+                 ) -> xr.Dataset:
     n_layers, n_max = patched["effects"].shape[1:]
     roles = np.array([[""] * (n_max - t.n_toks) + t.roles for t in tokens], dtype=object)
     is_knowledge = np.vectorize(lambda role: bool(KNOWLEDGE_ROLE.fullmatch(role)), otypes=[bool])(roles)
@@ -193,44 +208,78 @@ def unit_plan(profile: Profile) -> list[tuple[tuple[str, str], list[tuple[str, s
             for base, post in profile.pairs(EXPERIMENT)]
 
 
-def patching_unit(profile: Profile, source: PatchModel, target: PatchModel, source_spec: ModelSpec,
-                  target_spec: ModelSpec, direction: str, dataset: str, progress: bool = True) -> xr.Dataset:
-    """One map: TRUE states of `source` patched into `target`'s FALSE runs, every pair of `dataset`."""
-    if source.answer_ids != target.answer_ids:
-        raise ValueError(f"{source_spec.key} and {target_spec.key} tokenize ' TRUE' / ' FALSE' differently")
+def check_answer_ids(tokenizers: dict, keys: tuple[str, ...]) -> None:
+    """Patching compares logit(' TRUE') - logit(' FALSE') across models: their tokenizers must agree on the ids."""
+    ids = {key: answer_token_ids(tokenizers[key]) for key in keys}
+    if len(set(ids.values())) > 1:
+        raise ValueError(f"the models {', '.join(keys)} tokenize ' TRUE' / ' FALSE' differently: {ids}")
+
+
+@dataclass
+class MapInputs:
+    """One map's pairs, their tokens and, once its source model has run, the source's TRUE runs."""
+    pairs: list[Pair]
+    tokens: list[TokenizedPair]
+    runs: list[TrueRun] | None = None
+
+
+def map_inputs(profile: Profile, source_spec: ModelSpec, target_spec: ModelSpec, tokenizers: dict, dataset: str
+               ) -> MapInputs:
+    """Every pair of `dataset` for a map from `source_spec` to `target_spec`, tokenized by each model's tokenizer."""
     pairs = dataset_pairs(profile, target_spec, dataset)
     prefix = prompt_prefix(source_spec, target_spec)
     prompts = patching_prompts(dataset, pairs, seed=profile.seed)
-    tokens = [tokenize_pair(source.lm.tokenizer, target.lm.tokenizer, dataset, pair, *prompt, prefix)
+    tokens = [tokenize_pair(tokenizers[source_spec.key], tokenizers[target_spec.key], dataset, pair, *prompt, prefix)
               for pair, prompt in zip(pairs, prompts)]
-    patched = patch_dataset(source, target, tokens, pairs_per_batch=profile.batch_size_for(EXPERIMENT),
+    return MapInputs(pairs, tokens)
+
+
+def patching_unit(profile: Profile, target: PatchModel, source_key: str, target_key: str, direction: str,
+                  dataset: str, inputs: MapInputs, progress: bool = True) -> xr.Dataset:
+    """One map: the source's TRUE runs (`inputs.runs`) patched into `target`'s FALSE runs, every pair of
+    `dataset`."""
+    patched = patch_dataset(inputs.runs, target, inputs.tokens, pairs_per_batch=profile.batch_size_for(EXPERIMENT),
                             layers_per_batch=profile.experiment(EXPERIMENT).layers_per_batch, progress=progress,
-                            desc=unit_name(source_spec.key, target_spec.key, dataset))
-    return unit_dataset(source_spec.key, target_spec.key, dataset, direction, pairs, tokens, patched,
+                            desc=unit_name(source_key, target_key, dataset))
+    return unit_dataset(source_key, target_key, dataset, direction, inputs.pairs, inputs.tokens, patched,
                         target.answer_ids)
 
 
 def run(profile: Profile, *, progress: bool = True) -> Path:
-    """Every knowledge unit of the profile not yet in the cube; returns the cube path."""
+    """Every knowledge unit of the profile not yet in the cube, one model in memory at a time; returns the cube
+    path."""
     specs = {key: profile.model_spec(key) for key in profile.models(EXPERIMENT)}
     store = CubeStore(results_dir(profile.name) / f"{EXPERIMENT}.zarr",
                       provenance=provenance(profile, specs.values(), dtype=profile.dtype,
                                             device=resolve_device(profile.device), seed=profile.seed,
                                             experiment=EXPERIMENT))
+    tokenizers = {key: load_tokenizer(spec) for key, spec in specs.items()}
     for (base, post), runs in unit_plan(profile):
         # A base's own maps, shared by its post-trained models, are done with the first of them.
-        todo = [(source, target, direction, dataset) for source, target, direction in runs
+        todo = {(source, target, direction, dataset): None for source, target, direction in runs
                 for dataset in profile.experiment(EXPERIMENT).datasets
-                if not store.has_unit(unit_name(source, target, dataset))]
-        if not todo:
-            continue
-        models = {key: PatchModel.from_spec(load_model(specs[key], dtype=profile.dtype, device=profile.device),
-                                            specs[key]) for key in (base, post)}
-        for source, target, direction, dataset in tqdm(todo, desc=f"knowledge {base} / {post}", unit="map",
-                                                       disable=not progress):
-            started = now()
-            unit = patching_unit(profile, models[source], models[target], specs[source], specs[target], direction,
-                                 dataset, progress)
-            store.write_unit(unit_name(source, target, dataset), unit, started_at=started)
+                if not store.has_unit(unit_name(source, target, dataset))}
+        check_answer_ids(tokenizers, (base, post))
+        for key in (base, post, base):  # BASE again for the backward maps (POST's runs into BASE)
+            # loaded when it has TRUE runs to make or maps whose source runs are at hand (its own maps: both)
+            if not any((source == key and inputs is None) or (target == key and (inputs is not None or source == key))
+                       for (source, target, _, _), inputs in todo.items()):
+                continue
+            model = PatchModel.from_spec(load_model(specs[key], dtype=profile.dtype, device=profile.device),
+                                         specs[key])
+            for (source, target, direction, dataset) in tqdm(list(todo), desc=f"knowledge {key}", unit="map",
+                                                             disable=not progress):
+                started = now()
+                inputs = todo[(source, target, direction, dataset)]
+                if source == key and inputs is None:
+                    inputs = map_inputs(profile, specs[source], specs[target], tokenizers, dataset)
+                    inputs.runs = source_runs(model, inputs.tokens, profile.batch_size_for(EXPERIMENT))
+                    todo[(source, target, direction, dataset)] = inputs
+                if target == key and inputs is not None:
+                    unit = patching_unit(profile, model, source, target, direction, dataset, inputs, progress)
+                    store.write_unit(unit_name(source, target, dataset), unit, started_at=started)
+                    del todo[(source, target, direction, dataset)]
+            del model
+            release()
     store.update_attrs(finished_at=now())
     return store.path

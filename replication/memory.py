@@ -55,17 +55,17 @@ def parameter_count(spec: ModelSpec) -> int | None:
 
 
 def residencies(profile: Profile) -> list[Residency]:
-    """Per experiment, each set of models it holds at once, in the dtype the experiment loads them in: knowledge a
-    base with one post-trained model (cross-model patching), the others one model at a time (refusal in a model's
-    refusal_dtype where the table sets one; confidence reads the weights in float32 first)."""
+    """Per experiment, each set of models it holds at once, in the dtype the experiment loads them in: one model at
+    a time everywhere (knowledge keeps a cross-model map's source runs, not its source model; refusal runs a model
+    in its refusal_dtype where the table sets one; confidence reads the weights in float32 first)."""
     counts = {key: parameter_count(profile.model_spec(key)) for key in profile.models()}
 
     def residency(experiment: str, keys: tuple[str, ...], dtype: str) -> Residency:
         sizes = [counts[key] for key in keys]
         return Residency(experiment, keys, dtype, None if None in sizes else sum(sizes) * BYTES[dtype] / GIB)
 
-    rows = [residency("knowledge", pair, profile.dtype) for pair in profile.pairs("knowledge")]
-    rows += [residency("truthfulness", (key,), profile.dtype) for key in profile.models("truthfulness")]
+    rows = [residency(experiment, (key,), profile.dtype) for experiment in ("knowledge", "truthfulness")
+            for key in profile.models(experiment)]
     rows += [residency("refusal", (key,), model_dtype(profile, profile.model_spec(key)))
              for key in profile.models("refusal")]
     rows += [residency("confidence", (key,), WEIGHTS_DTYPE) for key in profile.models("confidence")]

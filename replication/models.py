@@ -17,6 +17,7 @@ model built in code). Facts other code relies on (transformers 5.24, nnsight 0.8
 """
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from collections.abc import Callable
@@ -55,6 +56,13 @@ def load_model(spec: ModelSpec, *, dtype: str = "float32", device: str = "cpu") 
     model.eval().requires_grad_(False)
     _prepare_tokenizer(spec, tokenizer)
     return TransformersModel(model, tokenizer=tokenizer, task="text-generation")
+
+
+def release() -> None:
+    """Free the memory of a model no longer referenced, before the next one is loaded."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:

@@ -154,6 +154,23 @@ def patched_suffix_run(model: PatchModel, suffix_ids: torch.Tensor, prefix_keys_
 
 
 @dataclass(frozen=True)
+class TrueRun:
+    """What patching needs of the source model: its unpatched TRUE run of a batch of pairs."""
+    states: torch.Tensor  # residual stream at the last n_toks positions: [layers, pairs, n_toks, hidden]
+    logit_diff: torch.Tensor  # [pairs]
+
+    def to(self, device) -> TrueRun:
+        return TrueRun(self.states.to(device), self.logit_diff.to(device))
+
+
+def true_run(source: PatchModel, true_ids: torch.Tensor, n_toks: int) -> TrueRun:
+    """The source model's TRUE run of a batch (ids [pairs, T]). Computed apart from the patching, it lets a
+    cross-model map hold one model at a time: the source's runs first, then the target's patches."""
+    run = unpatched_run(source, true_ids.to(source.device), n_toks)
+    return TrueRun(run.states, run.logit_diff)
+
+
+@dataclass(frozen=True)
 class PatchEffects:
     effects: torch.Tensor  # [pairs, layers, n_toks]
     true_logit_diff: torch.Tensor  # unpatched TRUE run of the source model [pairs]
@@ -164,10 +181,15 @@ def patch_effects(source: PatchModel, target: PatchModel, true_ids: torch.Tensor
                   n_toks: int, layers_per_batch: int | None = None) -> PatchEffects:
     """Patch effects of a batch of pairs with equal token counts (ids [pairs, T]); a batched forward holds the
     pairs times `layers_per_batch` patched layers (None: all layers)."""
+    return patch_true_run(true_run(source, true_ids, n_toks), target, false_ids, n_toks, layers_per_batch)
+
+
+def patch_true_run(true: TrueRun, target: PatchModel, false_ids: torch.Tensor, n_toks: int,
+                   layers_per_batch: int | None = None) -> PatchEffects:
+    """`patch_effects` from the source's TRUE run computed beforehand (`true_run`)."""
     prefix = false_ids.shape[1] - n_toks
     false_ids = false_ids.to(target.device)
-    true_run = unpatched_run(source, true_ids.to(source.device), n_toks)
-    true_states = true_run.states.to(target.device)
+    true_states = true.states.to(target.device)
     false_run = unpatched_run(target, false_ids, n_toks)
     effects = torch.empty(false_ids.shape[0], len(target.layers), n_toks, device=target.device)
     for p in range(n_toks):
@@ -180,4 +202,4 @@ def patch_effects(source: PatchModel, target: PatchModel, true_ids: torch.Tensor
         for group in layer_groups(len(target.layers), layers_per_batch or len(target.layers)):
             effects[:, group, p] = patched_suffix_run(target, false_ids[:, prefix + p:], before,
                                                       false_run.states[:, :, p:], true_states[:, :, p], group)
-    return PatchEffects(effects, true_run.logit_diff, false_run.logit_diff)
+    return PatchEffects(effects, true.logit_diff, false_run.logit_diff)

@@ -58,12 +58,12 @@ from data_prep.datasets import read_refusal
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
 from replication.generation import greedy_generate, hf_module
-from replication.models import format_prompt, load_model, position_ids_for
+from replication.models import format_prompt, load_model, position_ids_for, release
 from replication.paths import results_dir
 from replication.provenance import provenance
 from replication.refusal_phrases import is_refusal, refusal_score
 from replication.steering import Steering
-from replication.truthfulness import cosine_similarity, encode, length_batches, pca_projection, release
+from replication.truthfulness import cosine_similarity, encode, length_batches, pca_projection
 
 EXPERIMENT = "refusal"
 KINDS = ("harmful", "harmless")

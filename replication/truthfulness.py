@@ -24,7 +24,6 @@ Per family of models (a base model and its post-trained versions), written as re
 """
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from data_prep.datasets import read_truth
 from data_prep.prompts import SUFFIX, intervention_prompt, intervention_statements
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
-from replication.models import decoder_layers, load_model
+from replication.models import decoder_layers, load_model, release
 # The answer ids as the original's interventions.py takes them: the last token of " TRUE" / " FALSE" (on the
 # SentencePiece tokenizers a lone "\u2581" precedes the word piece "\u2581TRUE").
 from replication.patching import answer_token_ids
@@ -424,13 +423,6 @@ def load(profile: Profile, spec: ModelSpec):
     """(model, its decoder layers) in the profile's dtype and device."""
     model = load_model(spec, dtype=profile.dtype, device=profile.device)
     return model, decoder_layers(model, spec)
-
-
-def release() -> None:
-    """Free the memory of a model no longer referenced, before the next one is loaded."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def model_activations(profile: Profile, spec: ModelSpec, tables: dict[str, pd.DataFrame], datasets: Sequence[str],

@@ -3,6 +3,7 @@ loop through the whole pipeline) and its analysis: the original's aggregation an
 maps computed from the authors' shipped patching results."""
 import dataclasses
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,26 @@ def cube(tiny_data, tiny_profile, tmp_path_factory):
         torch.set_num_threads(1)  # tiny models gain nothing from threads, and on a busy CPU they cost
         yield knowledge.run(tiny_profile, progress=False)
         torch.set_num_threads(threads)
+
+
+def test_run_holds_one_model_at_a_time(tiny_data, tiny_profile, tmp_path, monkeypatch):
+    """BASE, POST, then BASE again for the backward maps, each freed before the next loads (the cross-model maps
+    keep the source's TRUE runs, not the source model); the same units as `cube` (computed with no such check)."""
+    monkeypatch.setenv("PTR_RESULTS_DIR", str(tmp_path))
+    loaded, alive_at_load = [], []
+    original = knowledge.load_model
+
+    def tracked(spec, **kwargs):
+        alive_at_load.append([key for key, model in loaded if model() is not None])
+        model = original(spec, **kwargs)
+        loaded.append((spec.key, weakref.ref(model)))
+        return model
+
+    monkeypatch.setattr(knowledge, "load_model", tracked)
+    store = open_cube(knowledge.run(tiny_profile, progress=False))
+    assert [key for key, _ in loaded] == ["tiny-llama", "tiny-post", "tiny-llama"]
+    assert alive_at_load == [[], [], []]
+    assert len(store.unit_names()) == 4 * len(DATASETS)
 
 
 def test_run_writes_one_unit_per_model_pair_and_dataset(cube, tiny_profile):
