@@ -3,12 +3,13 @@ cached prefix, skipped layers, batched pairs and layers, two-logit head) against
 trace of the whole FALSE prompt per layer and position), same model, same inputs, same run.
 
     python -m bench.knowledge --model tiny                                   # seconds on a CPU
-    python -m bench.knowledge --model gemma-3-270m-shape --pairs 4 --layers-per-batch 3     # demo-sized, CPU
-    python -m bench.knowledge --model llama-3.1-8b-shape --dtype bfloat16 --device cuda --pairs 16 \\
-        --layers-per-batch 8                                                 # the paper's model shape, GPU
+    python -m bench.knowledge --model gemma-3-270m --pairs 2 --layers-per-batch 3          # the demo model, CPU
+    python -m bench.knowledge --profile paper-shape-full --model llama-3.1-8b --dtype bfloat16 --device cuda \\
+        --pairs 16 --layers-per-batch 8                                      # the paper's model shape, GPU
 
-`--model` is a shape built in code with random weights (tiny, gemma-3-270m-shape, llama-3.1-8b-shape) or a
-model key of replication/configs/models.yaml (its real weights, which must be available). Inputs are synthetic
+`--model` is a model key of replication/configs/models.yaml (its real weights, which must be available), or of
+`--profile`'s models: with a random-weight profile (paper-shape, paper-shape-full) the model of that key's real
+shape with random weights (replication/shapes.py), no weights needed. Inputs are synthetic
 pairs shaped like the cities prompts: a shared few-shot prefix, then `--n-toks` statement tokens of which three
 (the subject) differ. Reported: patched runs per second of both paths and their ratio, FLOPs (counted by
 torch.utils.flop_counter) and FLOP/s against a measured matmul rate, peak memory (CUDA max allocated, or the
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import resource
 import sys
@@ -29,44 +29,20 @@ import time
 import torch
 from nnsight import LanguageModel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-from replication import tiny
-from replication.config import ModelSpec, load_model_table
+from replication.config import ModelSpec, load_model_table, load_profile
 from replication.models import DTYPES, load_model, resolve_device
 from replication.patching import PatchModel, patch_effects, reference_patch_effects
 
-SHAPES = {  # random-weight models of a real model's shape: (config, model class, model-table spec for the paths)
-    "llama-3.1-8b-shape": (lambda: LlamaConfig(
-        vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-        LlamaForCausalLM, "tiny-llama"),
-    "gemma-3-270m-shape": (lambda: Gemma3TextConfig(
-        vocab_size=262144, hidden_size=640, num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
-        head_dim=256, intermediate_size=2048, sliding_window=512, query_pre_attn_scalar=256),
-        Gemma3ForCausalLM, "tiny-gemma"),
-}
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
-def build(name: str, dtype: str, device: str) -> tuple[PatchModel, ModelSpec]:
-    table = load_model_table()
-    if name == "tiny":
-        name = "tiny-llama"
-    if name in table:
-        return PatchModel.from_spec(load_model(table[name], dtype=dtype, device=device), table[name]), table[name]
-    make_config, model_class, spec_key = SHAPES[name]
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(DTYPES[dtype])  # initialise in the target dtype: an 8B model in float32 is 32 GB
-    try:
-        with torch.device(device):
-            model = model_class(make_config()).eval().requires_grad_(False)
-    finally:
-        torch.set_default_dtype(default)
-    spec = dataclasses.replace(table[spec_key], key=name)  # the architecture's module paths
-    return PatchModel.from_spec(LanguageModel(model, tokenizer=tiny.build_tokenizer()), spec), spec
+def build(name: str, profile: str | None, dtype: str, device: str) -> tuple[PatchModel, ModelSpec]:
+    """The model `name` of the model table, or of `profile` (a random-weight profile's models need no weights;
+    replication.models.build_shape_model initialises them in the target dtype on the device)."""
+    name = "tiny-llama" if name == "tiny" else name
+    spec = load_profile(profile).model_spec(name) if profile else load_model_table()[name]
+    return PatchModel.from_spec(load_model(spec, dtype=dtype, device=device), spec), spec
 
 
 def synthetic_pairs(n_pairs: int, length: int, n_toks: int, vocab: int, seed: int = 0):
@@ -145,7 +121,7 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, spec = build(args.model, args.dtype, device)
+    model, spec = build(args.model, args.profile, args.dtype, device)
     n_layers = len(model.layers)
     vocab = model.head._module.weight.shape[0]
     true_ids, false_ids = synthetic_pairs(args.pairs, args.prompt_tokens, args.n_toks, vocab)
@@ -190,7 +166,8 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help=f"tiny, {', '.join(SHAPES)} or a model-table key")
+    parser.add_argument("--model", default="tiny", help="tiny, or a model key of the model table or of --profile")
+    parser.add_argument("--profile", default=None, help="take --model from this profile (e.g. paper-shape-full)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--pairs", type=int, default=4, help="pairs timed on the fast path")

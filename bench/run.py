@@ -1,7 +1,7 @@
 """`make bench`: every experiment's benchmark for a profile, each in its own process, collected into
 results/bench/<device>.json and a markdown table beside it.
 
-    python -m bench.run --profile demo            # or tiny; `--only knowledge,refusal` for a subset
+    python -m bench.run --profile demo            # or tiny, paper-shape, ...; `--only knowledge,refusal` for a subset
 
 Each benchmark times its fast path against the slow obvious one on the same inputs in the same run and refuses
 to report a speed when they disagree (see the module docstrings in bench/).
@@ -19,18 +19,25 @@ from replication.cubes import now
 from replication.paths import REPO_ROOT
 from replication.provenance import git_commit
 
-# Arguments per experiment and profile: the knowledge bench takes a model shape; the others a profile.
+# Arguments per experiment and profile: the knowledge bench takes a model (of the model table or a profile); the
+# others a profile. paper-shape: the paper models' real shapes with random weights (scaled for a CPU; -full: a GPU).
+PROFILE_NAMES = ("tiny", "demo", "paper", "paper-shape", "paper-shape-full")
 BENCH_ARGS = {
     "knowledge": {
         "tiny": ["--model", "tiny", "--pairs", "4", "--slow-pairs", "2"],
         "demo": ["--model", "gemma-3-270m", "--pairs", "2", "--slow-pairs", "1", "--layers-per-batch", "3"],
-        "paper": ["--model", "llama-3.1-8b-shape", "--dtype", "bfloat16", "--device", "cuda", "--pairs", "16",
-                  "--layers-per-batch", "8"],
+        "paper": ["--profile", "paper", "--model", "llama-3.1-8b", "--dtype", "bfloat16", "--device", "cuda",
+                  "--pairs", "16", "--layers-per-batch", "8"],
+        "paper-shape": ["--profile", "paper-shape", "--model", "llama-3.1-8b", "--dtype", "bfloat16", "--pairs", "4",
+                        "--slow-pairs", "1"],
+        "paper-shape-full": ["--profile", "paper-shape-full", "--model", "llama-3.1-8b", "--dtype", "bfloat16",
+                             "--device", "cuda", "--pairs", "16", "--layers-per-batch", "8"],
     },
-    "truthfulness": {"tiny": ["--profile", "tiny"], "demo": ["--profile", "demo"], "paper": ["--profile", "paper"]},
+    "truthfulness": {name: ["--profile", name] for name in PROFILE_NAMES},
     "refusal": {"tiny": ["--profile", "tiny"], "demo": ["--profile", "demo", "--prompts", "16", "--batch-size", "8"],
-                "paper": ["--profile", "paper"]},
-    "confidence": {"tiny": ["--profile", "tiny"], "demo": ["--profile", "demo"], "paper": ["--profile", "paper"]},
+                "paper": ["--profile", "paper"], "paper-shape": ["--profile", "paper-shape", "--prompts", "8"],
+                "paper-shape-full": ["--profile", "paper-shape-full"]},
+    "confidence": {name: ["--profile", name] for name in PROFILE_NAMES},
 }
 
 
@@ -70,7 +77,7 @@ def markdown(results: dict) -> str:
 
 
 @click.command()
-@click.option("--profile", default="demo", show_default=True, type=click.Choice(["tiny", "demo", "paper"]))
+@click.option("--profile", default="demo", show_default=True, type=click.Choice(list(BENCH_ARGS["knowledge"])))
 @click.option("--only", default=",".join(BENCH_ARGS), show_default=True, help="Comma-separated experiments.")
 def main(profile: str, only: str) -> None:
     """Run the benchmarks and write results/bench/<device>.{json,md}."""

@@ -5,14 +5,11 @@ shapes table (replication/configs/shapes.yaml) against the tokenizers."""
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from data_prep.sources import fetch
 from data_prep.tokenizers import REFERENCE_SPECS, reference_tokenizer, standin_encoder
-from replication import paths
-
-SHAPES_YAML = paths.REPO_ROOT / "replication" / "configs" / "shapes.yaml"
-MODELS_YAML = paths.REPO_ROOT / "replication" / "configs" / "models.yaml"
+from replication.config import load_model_table
+from replication.shapes import shape_table
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +128,13 @@ def test_unknown_name_says_which_are_known():
 def test_shapes_table_builds_configs_that_fit_their_tokenizers(raw_tokenizer_files):
     from transformers import AutoConfig
 
-    shapes = yaml.safe_load(SHAPES_YAML.read_text())["models"]
-    models = yaml.safe_load(MODELS_YAML.read_text())["models"]
-    assert set(shapes) == {k for k, m in models.items() if m.get("source") == "hub"}
+    shapes, models = shape_table(), load_model_table()
+    assert set(shapes) == {key for key, spec in models.items() if spec.source == "hub"}
     for key, entry in shapes.items():
-        assert entry["config_source"]["hf_id"] == models[key]["hf_id"], key
+        assert entry["config_source"]["hf_id"] == models[key].hf_id, key
         tokenizer = reference_tokenizer(entry["tokenizer"])
         config = AutoConfig.for_model(**entry["config"])
-        assert config.model_type == models[key]["arch"], key
+        assert config.model_type == models[key].arch, key
         # the real embeddings: exactly the vocabulary, or padded (Tulu-3: 128257 tokens, 128264 rows)
         assert config.vocab_size == len(tokenizer) or (entry["tokenizer"] == "llama3-tulu3"
                                                        and config.vocab_size == 128264), key
