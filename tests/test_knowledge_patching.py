@@ -131,8 +131,8 @@ def test_layer_groups_cover_every_layer_once():
 
 def bench_args(**overrides):
     from bench import knowledge as bench
-    args = dict(model="tiny", dtype="float32", device="cpu", pairs=2, slow_pairs=1, prompt_tokens=40, n_toks=10,
-                layers_per_batch=3, threads=None)
+    args = dict(model="tiny", profile=None, dtype="float32", device="cpu", pairs=2, slow_pairs=1, prompt_tokens=40,
+                n_toks=10, layers_per_batch=3, threads=None)
     return bench.run(argparse.Namespace(**{**args, **overrides}))
 
 
@@ -153,3 +153,10 @@ def test_bench_reports_speed_only_when_both_paths_agree(monkeypatch):
     monkeypatch.setattr(bench, "patch_effects", off_by_a_bit)
     refused = bench_args()
     assert not refused["agrees"] and "speedup" not in refused and "refused" in refused
+
+
+def test_bench_runs_a_paper_model_shape_from_a_profile():
+    """`make bench PROFILE=paper-shape`: the model of a random-weight profile, Mistral-7B's architecture scaled."""
+    report = bench_args(model="mistral-7b", profile="paper-shape")
+    assert report["agrees"] and report["max_abs_difference"] <= 1e-4
+    assert report["layers"] == 4 and report["model"] == "mistral-7b"
