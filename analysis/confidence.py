@@ -1,4 +1,5 @@
-"""Confidence: tables and figure data from ``results/<profile>/confidence.zarr`` (written by replication/confidence.py).
+"""Confidence: tables and figure data from ``results/<profile>/confidence.zarr`` (written by
+replication/experiments/confidence.py).
 
 Entropy neurons (paper's table and Figure 1d). For each (BASE, POST) pair of a family:
 
@@ -29,10 +30,10 @@ import yaml
 
 from analysis.audit import PUBLISHED_FILE, load_published
 from replication.cubes import CubeStore, open_cube
-from replication.paths import results_dir
+from data_prep.paths import results_dir
 
 EXPERIMENT = "confidence"
-PAPER_WU = "tl"  # the W_U variant of the paper's selection (replication.confidence.PAPER_WU)
+PAPER_WU = "tl"  # the W_U variant of the paper's selection (replication.experiments.confidence.PAPER_WU)
 OVERLAP_KEY = "entropy_neurons.overlap_out_of_10.{base}.base_vs_{role}"
 RATIO_KEY = "entropy_neurons.average_ratio_difference.{base}.base_vs_{role}"
 MIN_OVERLAP_KEY = "qualitative.confidence.min_entropy_neuron_overlap"

@@ -24,7 +24,7 @@ from scipy.stats import pearsonr
 from analysis.audit import load_published
 from replication.config import load_profile
 from replication.cubes import open_cube
-from replication.paths import results_dir
+from data_prep.paths import results_dir
 
 EXPERIMENT = "knowledge"
 PUBLISHED = "knowledge_causal_tracing"

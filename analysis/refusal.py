@@ -1,4 +1,5 @@
-"""Refusal: tables and figure data from ``results/<profile>/refusal.zarr`` (written by replication/refusal.py).
+"""Refusal: tables and figure data from ``results/<profile>/refusal.zarr`` (written by
+replication/experiments/refusal.py).
 
 Refusal score S = fraction of the test instructions whose greedy completion starts with a refusal phrase.
 r_X -> h_Y: model X's refusal direction steering model Y; harmful instructions get it subtracted (or ablated),
@@ -32,7 +33,7 @@ import xarray as xr
 from analysis.audit import load_published
 from analysis.figures import pca_arrows
 from replication.cubes import CubeStore, open_cube
-from replication.paths import results_dir
+from data_prep.paths import results_dir
 
 EXPERIMENT = "refusal"
 SECTION = "refusal_intervention_score"

@@ -1,5 +1,5 @@
 """Truthfulness: tables and figure data from ``results/<profile>/truthfulness.zarr`` (written by
-replication/truthfulness.py).
+replication/experiments/truthfulness.py).
 
 Probe transfer (the paper's table): p_X -> h_Y is the accuracy (%) on model Y's activations of the test dataset
 (row) of the MMProbe trained on model X's activations of the other probe datasets, at the probe layer.
@@ -20,7 +20,7 @@ import pandas as pd
 from analysis.audit import load_published
 from analysis.figures import pca_arrows
 from replication.cubes import CubeStore, open_cube
-from replication.paths import results_dir
+from data_prep.paths import results_dir
 
 EXPERIMENT = "truthfulness"
 IE_SECTION = "truthfulness_intervention_effect"

@@ -19,7 +19,7 @@ import time
 import torch
 
 from bench.common import in_child, reset_peak_memory, status_mib
-from replication import confidence as conf
+from replication.experiments import confidence as conf
 
 
 def per_neuron_logit_var(W_out: torch.Tensor, W_U: torch.Tensor) -> torch.Tensor:

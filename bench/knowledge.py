@@ -1,6 +1,7 @@
-"""Benchmark of activation patching (the knowledge experiment): the fast path (replication.patching.patch_effects:
-cached prefix, skipped layers, batched pairs and layers, two-logit head) against the reference loop (one nnsight
-trace of the whole FALSE prompt per layer and position), same model, same inputs, same run.
+"""Benchmark of activation patching (the knowledge experiment): the fast path
+(replication.mechanics.patching.patch_effects: cached prefix, skipped layers, batched pairs and layers, two-logit
+head) against the reference loop (one nnsight trace of the whole FALSE prompt per layer and position), same model,
+same inputs, same run.
 
     python -m bench.knowledge --model tiny                                   # seconds on a CPU
     python -m bench.knowledge --model gemma-3-270m --pairs 2 --layers-per-batch 3          # the demo model, CPU
@@ -32,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from replication.config import ModelSpec, load_model_table, load_profile
 from replication.models import DTYPES, load_model, resolve_device
-from replication.patching import PatchModel, patch_effects, reference_patch_effects
+from replication.mechanics.patching import PatchModel, patch_effects, reference_patch_effects
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 

@@ -1,4 +1,4 @@
-"""Benchmark of steered greedy generation (replication/generation.py): left-padded batches with a KV cache
+"""Benchmark of steered greedy generation (replication/mechanics/generation.py): left-padded batches with a KV cache
 against the same function one prompt at a time (batch 1, no padding), on the same prompts and the same steering;
 wall time, generated tokens per second, peak memory each adds, and whether the completions are identical.
 Each timing runs in a fresh process, so peak RSS (CPU) belongs to that computation alone.
@@ -25,7 +25,7 @@ N_DIRECTION = 32  # train instructions of each kind for the benchmark's directio
 
 
 def _setup(profile_name: str, key: str | None, n_prompts: int):
-    from replication import refusal
+    from replication.experiments import refusal
     from replication.config import load_profile
     from replication.models import load_model, resolve_device
 
@@ -42,7 +42,7 @@ def _setup(profile_name: str, key: str | None, n_prompts: int):
 
 def _timed(profile_name: str, key: str | None, n_prompts: int, batch_size: int, max_new_tokens: int, queue) -> None:
     """In a child process: set up, then time one generation of every prompt and its added peak memory."""
-    from replication.generation import greedy_generate
+    from replication.mechanics.generation import greedy_generate
 
     spec, model, steer, prompts, device = _setup(profile_name, key, n_prompts)
     greedy_generate(model, prompts[:1], max_new_tokens=2, steering=steer, progress=False)  # warm-up

@@ -16,7 +16,7 @@ import sys
 import click
 
 from replication.cubes import now
-from replication.paths import REPO_ROOT
+from data_prep.paths import REPO_ROOT
 from replication.provenance import git_commit
 
 # Arguments per experiment and profile: the knowledge bench takes a model (of the model table or a profile); the

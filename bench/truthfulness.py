@@ -18,7 +18,7 @@ import time
 import torch
 
 from bench.common import in_child, reset_peak_memory, status_mib
-from replication import truthfulness as tr
+from replication.experiments import truthfulness as tr
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 3e-2}  # batching changes rounding only
 

@@ -10,7 +10,7 @@ from data_prep.errors import DataError
 from data_prep.pairs import Pair, patching_spec
 from data_prep.refusal import KINDS, SPLITS
 from data_prep.truth import truth_datasets
-from replication import paths
+from data_prep import paths
 
 MANIFEST = "manifest.json"
 BUILD_HINT = "run `ptr data` (or `make data`) to build it"

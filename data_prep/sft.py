@@ -18,7 +18,7 @@ from data_prep.sources import source
 RAW_FILES = {"harmful": "refusal/advbench.csv", "harmless": "refusal/alpaca.json"}  # the raw files of the splits
 
 # Refusal replies in the style of chat models' refusals. Each starts with one of the refusal score's phrases
-# (replication.refusal_phrases), so a model that learnt them scores as refusing; several phrasings, so the model
+# (replication.mechanics.refusal_score), so a model that learnt them scores as refusing; several phrasings, so the model
 # learns to refuse rather than one string.
 REFUSAL_REPLIES = (
     "I'm sorry, but I can't help with that.",

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from data_prep.errors import DataError
-from replication import paths
+from data_prep import paths
 
 SOURCES_YAML = Path(__file__).with_name("sources.yaml")
 ROLES = ("truth", "few_shot", "refusal", "artifact", "tokenizer")

@@ -70,7 +70,7 @@ def run(experiment: str, profile: str, fresh: bool = False, dry_run: bool = Fals
     from replication.cubes import StaleCubeError, set_aside
     from replication.memory import InsufficientMemoryError, check_fits, plan_lines, residencies
     from replication.models import resolve_device
-    from replication.paths import results_dir
+    from data_prep.paths import results_dir
 
     prof = load_profile(profile)
     names = EXPERIMENTS if experiment == "all" else (experiment,)
@@ -88,7 +88,7 @@ def run(experiment: str, profile: str, fresh: bool = False, dry_run: bool = Fals
         if fresh and (kept := set_aside(results_dir(prof.name) / f"{name}.zarr")):
             click.echo(f"{name}: previous cube kept as {kept}")
         try:
-            path = importlib.import_module(f"replication.{name}").run(prof)
+            path = importlib.import_module(f"replication.experiments.{name}").run(prof)
         except StaleCubeError as error:
             raise click.ClickException(f"{error} (`ptr run {name} --profile {profile} --fresh`)") from None
         click.echo(f"{name}: {path} ({time.time() - start:.0f} s)")
@@ -105,7 +105,7 @@ def sweep(experiment: str, profile: str) -> None:
     from replication.config import MODEL_TABLE, load_profile
 
     prof = load_profile(profile)
-    module = importlib.import_module(f"replication.{experiment}")
+    module = importlib.import_module(f"replication.experiments.{experiment}")
     chosen = (module.sweep_settings if experiment == "truthfulness" else module.sweep)(prof)
     differ = 0
     for key, settings in chosen.items():
@@ -166,7 +166,7 @@ def replicate(ctx: click.Context, profile: str) -> None:
     """Everything, in order: data -> post-training -> the four experiments -> report -> audit. Each step is
     resumable and skips what is already current; a summary (time per step, report paths, audit counts) ends it."""
     from replication.config import load_profile
-    from replication.paths import results_dir
+    from data_prep.paths import results_dir
 
     steps = [("data", data, {"mirror": None})]
     if load_profile(profile).posttrained_models():

@@ -2,8 +2,8 @@
 
 Parameters are counted from each model's config on PyTorch's meta device (no weights are read or allocated):
 the profile's random-weight shape, the real config.json of a paper model (replication/configs/shapes.yaml), or
-the tiny models' code. The planner knows how each experiment loads its models (it asks replication.refusal and
-replication.confidence for their dtypes), so it sits beside the command line, above the experiments. `check_fits`
+the tiny models' code. The planner knows how each experiment loads its models (it asks replication.experiments.refusal and
+replication.experiments.confidence for their dtypes), so it sits beside the command line, above the experiments. `check_fits`
 refuses a run whose largest set of resident models does not fit the visible
 GPU, before any model is loaded.
 """
@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from replication import shapes, tiny
+from replication import shapes
+from replication.models import tiny
 from replication.config import ModelSpec, Profile, load_model_table
-from replication.confidence import WEIGHTS_DTYPE
-from replication.refusal import model_dtype
+from replication.experiments.confidence import WEIGHTS_DTYPE
+from replication.experiments.refusal import model_dtype
 
 GIB = 2 ** 30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from data_prep.sft import SFTMaterial, cut_reply, material_sources, sft_material
-from replication import refusal, tiny
+from replication.experiments import refusal
+from replication.models import tiny
 from replication.config import (
     CONFIG_DIR,
     TRUE_FALSE_DATASETS,
@@ -55,12 +56,12 @@ from replication.config import (
     _read_yaml,
     load_model_table,
 )
-from replication.generation import greedy_generate, hf_module
+from replication.mechanics.generation import greedy_generate, hf_module
 from replication.models import format_prompt, load_model, resolve_device
-from replication.paths import cache_dir
+from data_prep.paths import cache_dir
 from replication.provenance import git_commit, package_versions
-from replication.refusal_phrases import is_refusal, refusal_score
-from replication.truthfulness import intervention_table, true_false_probabilities
+from replication.mechanics.refusal_score import is_refusal, refusal_score
+from replication.experiments.truthfulness import intervention_table, true_false_probabilities
 
 RECIPES = CONFIG_DIR / "recipes.yaml"
 CARD = "card.json"  # written last inside the temporary directory: a directory with it is a finished model

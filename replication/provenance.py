@@ -12,7 +12,7 @@ from typing import Any
 
 from replication.config import EXPERIMENTS
 from replication.cubes import now
-from replication.paths import REPO_ROOT, processed_dir
+from data_prep.paths import REPO_ROOT, processed_dir
 
 PACKAGES = ("torch", "transformers", "nnsight", "tokenizers", "xarray", "zarr", "numpy", "scikit-learn", "gguf")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from replication.paths import REPO_ROOT
+from data_prep.paths import REPO_ROOT
 
 DEVIATIONS_YAML = REPO_ROOT / "docs" / "deviations.yaml"
 DEVIATIONS_MD = REPO_ROOT / "docs" / "DEVIATIONS.md"

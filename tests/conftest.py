@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from replication import paths
+from data_prep import paths
 
 DEFAULT_MIRROR = paths.REPO_ROOT.parent / "shared" / "data" / "raw"
 
@@ -78,7 +78,7 @@ def tiny_results(tmp_path_factory, tiny_data):
         torch.set_num_threads(1)  # tiny models gain nothing from threads, and on a busy CPU they cost
         try:
             for experiment in ("knowledge", "truthfulness", "refusal", "confidence"):
-                importlib.import_module(f"replication.{experiment}").run(profile, progress=False)
+                importlib.import_module(f"replication.experiments.{experiment}").run(profile, progress=False)
         finally:
             torch.set_num_threads(threads)
     return results

@@ -8,8 +8,8 @@ import pytest
 import torch
 import xarray as xr
 
-from replication import confidence as conf
-from replication import tiny
+from replication.experiments import confidence as conf
+from replication.models import tiny
 from replication.config import load_model_table
 
 TABLE = load_model_table()

@@ -6,7 +6,7 @@ import pytest
 from data_prep.datasets import read_refusal
 from data_prep.errors import DataError
 from data_prep.sft import REFUSAL_REPLIES, cut_reply, refusal_reply, sft_material
-from replication.refusal_phrases import is_refusal
+from replication.mechanics.refusal_score import is_refusal
 
 
 def test_every_refusal_reply_counts_as_a_refusal_and_they_differ():

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import pearsonr
 
 from analysis import knowledge
-from replication import truthfulness
+from replication.experiments import truthfulness
 from report import deviations
 from report import render as rr
 

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers import PreTrainedTokenizerFast
 
-from replication import gguf
+from replication.models import gguf
 from replication.config import load_model_table
 
 SHA = "0" * 64

@@ -17,11 +17,11 @@ from analysis import knowledge as analysis
 from analysis.audit import audit, load_published
 from data_prep.build import build_all
 from data_prep.prompts import patching_prompts
-from replication import knowledge
-from replication.config import load_model_table, load_profile
+from replication.experiments import knowledge
+from replication.config import PROFILE_DIR, load_model_table, load_profile
 from replication.cubes import COMPLETE_ATTR, UNITS_GROUP, open_cube
 from replication.models import load_model
-from replication.patching import PatchModel, reference_patch_effects
+from replication.mechanics.patching import PatchModel, reference_patch_effects
 
 DATA = Path(__file__).parent / "data"
 SHIPPED = "paper_artifacts/patching_results.json"
@@ -106,7 +106,7 @@ def tiny_profile(tmp_path_factory):
     table = load_model_table()
     table["tiny-post"] = dataclasses.replace(table["tiny-llama"], key="tiny-post", role="sft", seed=11)
     path = tmp_path_factory.mktemp("profiles") / "knowledge-test.yaml"
-    tiny = yaml.safe_load((Path(knowledge.__file__).parent / "configs/profiles/tiny.yaml").read_text())
+    tiny = yaml.safe_load((PROFILE_DIR / "tiny.yaml").read_text())
     tiny["families"] = {"tiny": {"base": "tiny-llama", "post": ["tiny-post"]}}
     tiny["experiments"]["knowledge"] = {"datasets": DATASETS, "max_pairs": 3, "batch_size": 2, "layers_per_batch": 3}
     path.write_text(yaml.safe_dump(tiny))

@@ -1,6 +1,6 @@
-"""The patching engine (replication.patching) on every tiny architecture: the fast path (cached prefix, skipped
-layers, batched pairs and layers, two-logit head) equals the reference loop (one nnsight trace of the whole FALSE
-prompt per layer and position), and patching reproduces the runs it interpolates between."""
+"""The patching engine (replication.mechanics.patching) on every tiny architecture: the fast path (cached prefix,
+skipped layers, batched pairs and layers, two-logit head) equals the reference loop (one nnsight trace of the whole
+FALSE prompt per layer and position), and patching reproduces the runs it interpolates between."""
 import argparse
 import dataclasses
 
@@ -9,7 +9,7 @@ import torch
 
 from replication.config import load_model_table
 from replication.models import load_model
-from replication.patching import (PatchModel, layer_groups, logit_difference, patch_effects,
+from replication.mechanics.patching import (PatchModel, layer_groups, logit_difference, patch_effects,
                                   patched_logit_difference, reference_patch_effects, unpatched_run)
 
 ARCHITECTURES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma"]

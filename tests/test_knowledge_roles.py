@@ -11,7 +11,7 @@ from data_prep.errors import DataError
 from data_prep.pairs import Pair, build_pairs
 from data_prep.prompts import SUFFIX, patching_prompts
 from data_prep.tokenizers import reference_tokenizer
-from replication.knowledge import tokenize_pair
+from replication.experiments.knowledge import tokenize_pair
 
 SFT_PREFIX = "<s> "  # what the original prepends to the Mistral SFT's prompts (models.yaml prompt_prefix)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from nnsight import TransformersModel
 
-from replication import tiny
+from replication.models import tiny
 from replication.config import load_model_table
 from replication.models import (
     decoder_layers,
@@ -22,7 +22,7 @@ from replication.models import (
     module_at,
     position_ids_for,
 )
-from replication.paths import REPO_ROOT
+from data_prep.paths import REPO_ROOT
 
 TINY_KEYS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma"]
 PROMPTS = ["The city of Tokyo is in Japan. This statement is:", "Seventy is larger"]  # different lengths
@@ -94,7 +94,7 @@ def test_tokenizer_special_tokens_padding_and_chat_template():
 def test_tokenizer_is_the_same_every_build():
     first = tiny.vocab_hash(tiny.train_tokenizer())
     assert first == tiny.vocab_hash(tiny.train_tokenizer())
-    other_process = run_python("from replication import tiny; print(tiny.vocab_hash(tiny.train_tokenizer()))")
+    other_process = run_python("from replication.models import tiny; print(tiny.vocab_hash(tiny.train_tokenizer()))")
     assert other_process.returncode == 0, other_process.stderr
     assert other_process.stdout.strip() == first
 
@@ -202,9 +202,9 @@ def test_local_directory_gguf_and_posttrain_sources(table, saved_tiny, monkeypat
     local = dataclasses.replace(table["llama-3.1-8b"], hf_id=str(saved_tiny))
     gguf = dataclasses.replace(table["gemma-3-270m"], arch="llama", architecture=table["tiny-llama"].architecture)
     post = table["tiny-llama-sft"]
-    import replication.gguf
+    import replication.models.gguf
 
-    monkeypatch.setattr(replication.gguf, "base_model_dir", lambda spec: saved_tiny)
+    monkeypatch.setattr(replication.models.gguf, "base_model_dir", lambda spec: saved_tiny)
     monkeypatch.setitem(sys.modules, "replication.posttrain",
                         types.SimpleNamespace(ensure_posttrained=lambda spec: saved_tiny))
     for spec in (local, gguf, post):

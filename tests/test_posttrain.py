@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from replication import posttrain as pt
-from replication import tiny
+from replication.models import tiny
 from replication.config import ConfigError, load_model_table, load_profile
 from replication.models import format_prompt, load_model
 
@@ -70,7 +70,7 @@ def test_encoded_example_labels_exactly_the_reply_and_end_of_turn(table, tokeniz
 
 
 def test_turn_end_of_the_converted_gemma_template():
-    from replication.gguf import GEMMA_CHAT_TEMPLATE
+    from replication.models.gguf import GEMMA_CHAT_TEMPLATE
 
     tokenizer = tiny.build_tokenizer()
     tokenizer.chat_template = GEMMA_CHAT_TEMPLATE

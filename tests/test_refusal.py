@@ -7,10 +7,10 @@ import pytest
 import torch
 from nnsight import LanguageModel
 
-from replication import refusal
+from replication.experiments import refusal
 from replication.config import load_model_table, load_profile
-from replication.refusal_phrases import is_refusal, refusal_score
-from replication.tiny import build_model, build_tokenizer
+from replication.mechanics.refusal_score import is_refusal, refusal_score
+from replication.models.tiny import build_model, build_tokenizer
 
 PROMPTS = ["User: Tell me how to build a bomb.\nAssistant:", "User: hi\nAssistant:",
            "User: Write a poem about the sea and a story about a dog.\nAssistant:", "User: Explain it.\nAssistant:"]
@@ -115,7 +115,7 @@ def test_mistral_prompts_start_with_one_bos_where_the_originals_had_two():
     (refusal_pos -1), is [/INST] in both."""
     from data_prep.tokenizers import reference_tokenizer
     from replication.models import _prepare_tokenizer, format_prompt
-    from replication.truthfulness import encode
+    from replication.experiments.truthfulness import encode
 
     tok = reference_tokenizer("mistral")
     spec = load_model_table()["mistral-7b-instruct"]

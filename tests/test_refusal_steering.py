@@ -8,9 +8,9 @@ import pytest
 import torch
 from nnsight import LanguageModel
 
-from replication.generation import greedy_generate, truncate_at_stop
-from replication.steering import INTERVENTIONS, Steering, ablate_direction, add_direction, steered
-from replication.tiny import build_model, build_tokenizer
+from replication.mechanics.generation import greedy_generate, truncate_at_stop
+from replication.mechanics.steering import INTERVENTIONS, Steering, ablate_direction, add_direction, steered
+from replication.models.tiny import build_model, build_tokenizer
 
 # Where each tiny architecture adds the attention output to the residual (the model table's attn_out_path).
 ATTN_OUT = {"llama": "self_attn", "mistral": "self_attn", "qwen2": "self_attn", "gemma3": "post_attention_layernorm"}

@@ -13,7 +13,7 @@ import xarray as xr
 from click.testing import CliRunner
 
 from replication.cubes import CubeStore
-from replication.paths import REPO_ROOT
+from data_prep.paths import REPO_ROOT
 from report import render as rr
 
 SECTIONS = ["Summary", "Knowledge", "Truthfulness", "Refusal", "Confidence", "Audit", "Provenance"]

@@ -10,7 +10,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from data_prep.prompts import SUFFIX
-from replication import truthfulness as tr
+from replication.experiments import truthfulness as tr
 from replication.config import load_model_table
 from replication.models import load_model, position_ids_for
 

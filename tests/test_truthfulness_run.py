@@ -12,8 +12,8 @@ import zarr
 from analysis import truthfulness as analysis
 from analysis.audit import audit, load_published
 from data_prep.prompts import intervention_prompt
-from replication import truthfulness as tr
-from replication.config import load_model_table, load_profile
+from replication.experiments import truthfulness as tr
+from replication.config import PROFILE_DIR, load_model_table, load_profile
 from replication.cubes import COMPLETE_ATTR, UNITS_GROUP, open_cube
 from replication.models import load_model
 
@@ -28,7 +28,7 @@ def tiny_profile(directory: Path):
     table = dict(TABLE)
     table["tiny-llama-other"] = dataclasses.replace(TABLE["tiny-llama"], key="tiny-llama-other", role="instruct",
                                                     seed=11)
-    spec = yaml.safe_load((Path(tr.__file__).parent / "configs/profiles/tiny.yaml").read_text())
+    spec = yaml.safe_load((PROFILE_DIR / "tiny.yaml").read_text())
     spec["families"] = {"tiny": {"base": "tiny-llama", "post": ["tiny-llama-other"]}}
     spec["experiments"]["truthfulness"].update(datasets=DATASETS, similarity_datasets=[*DATASETS, "neg_cities"],
                                                max_statements=N, max_intervention_statements=N_PROMPTS, batch_size=3)

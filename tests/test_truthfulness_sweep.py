@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from replication import truthfulness as tr
+from replication.experiments import truthfulness as tr
 from replication.config import load_model_table
 from replication.models import load_model
 

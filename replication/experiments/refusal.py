@@ -18,7 +18,7 @@ stored directions float32, where the original's are bf16 (its shipped unit direc
 one BOS; the original's Mistral template "<s>[INST] ..." plus the tokenizer's BOS gave two, a bug kept corrected
 here (no published number uses Mistral's refusal).
 
-Steering (replication/steering.py): greedy generation of max_new_tokens with hooks at every position;
+Steering (replication/mechanics/steering.py): greedy generation of max_new_tokens with hooks at every position;
 addition / subtraction = +/- coef x r at resid_pre, resid_mid and resid_post of block refusal_apply_layer
 (three edits, so about 3 x coef in effect, as the original); ablation = r projected out at those three points of
 every block. Harmful test instructions get subtraction and ablation, harmless ones addition; the coefficients are
@@ -26,7 +26,7 @@ the steered model's refusal_coef_sub / refusal_coef_add (or the direction model'
 `refusal_coef_of: direction_model`, as the original's Llama-2-13b branch). Each model is steered by its own
 direction and by each paired model's: forward transfer = the base direction on a post-trained model, backward
 = a post-trained direction on the base. Refusal score = fraction of completions starting with one of the 25
-refusal phrases (replication/refusal_phrases.py).
+refusal phrases (replication/mechanics/refusal_score.py).
 
 Cube ``results/<profile>/refusal.zarr``, resumable per unit:
 
@@ -57,13 +57,13 @@ from tqdm.auto import tqdm
 from data_prep.datasets import read_refusal
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
-from replication.generation import greedy_generate, hf_module
+from replication.mechanics.generation import greedy_generate, hf_module
 from replication.models import format_prompt, load_model, position_ids_for, release
-from replication.paths import results_dir
+from data_prep.paths import results_dir
 from replication.provenance import provenance
-from replication.refusal_phrases import is_refusal, refusal_score
-from replication.steering import Steering
-from replication.truthfulness import cosine_similarity, encode, length_batches, pca_projection
+from replication.mechanics.refusal_score import is_refusal, refusal_score
+from replication.mechanics.steering import Steering
+from replication.experiments.truthfulness import cosine_similarity, encode, length_batches, pca_projection
 
 EXPERIMENT = "refusal"
 KINDS = ("harmful", "harmless")

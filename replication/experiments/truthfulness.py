@@ -42,8 +42,8 @@ from replication.cubes import CubeStore, now
 from replication.models import decoder_layers, load_model, release
 # The answer ids as the original's interventions.py takes them: the last token of " TRUE" / " FALSE" (on the
 # SentencePiece tokenizers a lone "\u2581" precedes the word piece "\u2581TRUE").
-from replication.patching import answer_token_ids
-from replication.paths import results_dir
+from replication.mechanics.patching import answer_token_ids
+from data_prep.paths import results_dir
 from replication.provenance import provenance
 
 EXPERIMENT = "truthfulness"
@@ -588,7 +588,8 @@ def sweep_settings(profile: Profile, **options) -> dict[str, dict[str, int]]:
             for key, unit in sweep(profile, **options).items()}
 
 
-if __name__ == "__main__":  # python -m replication.truthfulness PROFILE: run the layer sweep, print the choice
+# python -m replication.experiments.truthfulness PROFILE: run the layer sweep, print the choice
+if __name__ == "__main__":
     import sys
 
     from replication.config import load_profile

@@ -27,7 +27,7 @@ import torch
 from nnsight import TransformersModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from replication import tiny
+from replication.models import tiny
 from replication.config import CHAT, ModelSpec, load_model_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -172,7 +172,7 @@ def _weights_location(spec: ModelSpec) -> tuple[str, str | None]:
         local = Path(spec.hf_id).expanduser()
         return (str(local), None) if local.is_dir() else (spec.hf_id, spec.revision)
     if spec.source == "gguf":
-        from replication.gguf import base_model_dir
+        from replication.models.gguf import base_model_dir
 
         return str(base_model_dir(spec)), None
     if spec.source == "posttrain":

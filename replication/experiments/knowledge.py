@@ -1,9 +1,9 @@
 """Knowledge: where base and post-trained models store facts, by activation patching (methods_reference §1.3).
 
-For every (BASE, POST) pair of the profile and every dataset, four maps of patch effects (replication.patching):
-each model's own (TRUE and FALSE prompts in the same model), and cross-model patching both ways, TRUE states of
-BASE patched into POST's FALSE run ("forward") and of POST into BASE's ("backward"). One cube unit per
-(source model, target model, dataset) in results/<profile>/knowledge.zarr:
+For every (BASE, POST) pair of the profile and every dataset, four maps of patch effects
+(replication.mechanics.patching): each model's own (TRUE and FALSE prompts in the same model), and cross-model
+patching both ways, TRUE states of BASE patched into POST's FALSE run ("forward") and of POST into BASE's
+("backward"). One cube unit per (source model, target model, dataset) in results/<profile>/knowledge.zarr:
 
     patch_effect     (pair, layer, position)  logit(' TRUE') - logit(' FALSE') after the patch, float32
     role             (pair, position)         token role: [s1].. subject, [o1].. object, [k1]/[c1].. for
@@ -17,7 +17,7 @@ BASE patched into POST's FALSE run ("forward") and of POST into BASE's ("backwar
   source_model, target_model, dataset. attrs: direction (own/forward/backward), map_kind, n_pairs, answer_ids.
 
 One model is held at a time: a cross-model map needs of its source model only the unpatched TRUE runs
-(replication.patching.true_run), so a pair's models are loaded in turn, BASE, POST, then BASE again for the
+(replication.mechanics.patching.true_run), so a pair's models are loaded in turn, BASE, POST, then BASE again for the
 backward maps, each computing its own maps, the TRUE runs of the maps it is the source of (kept on the CPU until
 their target is loaded) and the maps it is the target of. A 13B pair then fits a GPU that holds one 13B model; the
 kept runs take layers x n_toks x hidden numbers per pair (about 6 MB per pair for Llama-2-13B in bf16).
@@ -39,8 +39,8 @@ from data_prep.prompts import SUFFIX, patching_prompts
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
 from replication.models import load_model, load_tokenizer, release, resolve_device
-from replication.paths import results_dir
-from replication.patching import PatchModel, TrueRun, answer_token_ids, patch_true_run, true_run
+from data_prep.paths import results_dir
+from replication.mechanics.patching import PatchModel, TrueRun, answer_token_ids, patch_true_run, true_run
 from replication.provenance import provenance
 
 EXPERIMENT = "knowledge"

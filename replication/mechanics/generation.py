@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from replication.steering import Steering, steered
+from replication.mechanics.steering import Steering, steered
 
 
 def hf_module(model) -> torch.nn.Module:

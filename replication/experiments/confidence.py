@@ -15,7 +15,7 @@ profile's dtype. Where the model table names an RMSNorm on the MLP output (Gemma
 the paper's models has one) its gain scales w_out, so that w_out is the direction the neuron writes.
 
 Output confidence: each model reads the few-shot TRUE/FALSE prompts of the truthfulness intervention, on the same
-statements (replication.truthfulness.intervention_table: statements outside the few-shot text, at most
+statements (replication.experiments.truthfulness.intervention_table: statements outside the few-shot text, at most
 max_statements, balanced between true and false); at the last position we record the entropy of the next-token
 distribution and P(TRUE) / (P(TRUE) + P(FALSE)), from which the answer, its confidence and the calibration
 (expected calibration error, reliability curve) follow.
@@ -41,9 +41,9 @@ from tqdm.auto import tqdm
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
 from replication.models import load_model, module_at
-from replication.paths import results_dir
+from data_prep.paths import results_dir
 from replication.provenance import provenance
-from replication.truthfulness import answer_token_ids, encode, intervention_table, length_batches
+from replication.experiments.truthfulness import answer_token_ids, encode, intervention_table, length_batches
 
 EXPERIMENT = "confidence"
 WU_VARIANTS = ("tl", "raw")  # TransformerLens-processed W_U (as the original) / raw lm_head weights

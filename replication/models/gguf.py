@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from replication.paths import cache_dir
+from data_prep.paths import cache_dir
 
 GGUF_FIELDS = ("package", "version", "filename", "sha256")
 SOURCE_FILE = "gguf_source.json"  # written last inside the temp dir; the directory is renamed into place after it
