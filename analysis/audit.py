@@ -55,9 +55,9 @@ import pandas as pd
 import yaml
 
 from analysis.figures import markdown_table
+from data_prep.paths import results_dir
 from replication.config import ConfigError, load_model_table, load_profile
 from replication.cubes import open_cube
-from data_prep.paths import results_dir
 
 PUBLISHED_FILE = Path(__file__).with_name("published_numbers.yaml")
 EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")

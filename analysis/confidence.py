@@ -29,8 +29,8 @@ import pandas as pd
 import yaml
 
 from analysis.audit import PUBLISHED_FILE, load_published
-from replication.cubes import CubeStore, open_cube
 from data_prep.paths import results_dir
+from replication.cubes import CubeStore, open_cube
 
 EXPERIMENT = "confidence"
 PAPER_WU = "tl"  # the W_U variant of the paper's selection (replication.experiments.confidence.PAPER_WU)

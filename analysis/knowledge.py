@@ -22,9 +22,9 @@ import xarray as xr
 from scipy.stats import pearsonr
 
 from analysis.audit import load_published
+from data_prep.paths import results_dir
 from replication.config import load_profile
 from replication.cubes import open_cube
-from data_prep.paths import results_dir
 
 EXPERIMENT = "knowledge"
 PUBLISHED = "knowledge_causal_tracing"

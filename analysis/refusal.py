@@ -32,8 +32,8 @@ import xarray as xr
 
 from analysis.audit import load_published
 from analysis.figures import pca_arrows
-from replication.cubes import CubeStore, open_cube
 from data_prep.paths import results_dir
+from replication.cubes import CubeStore, open_cube
 
 EXPERIMENT = "refusal"
 SECTION = "refusal_intervention_score"

@@ -19,8 +19,8 @@ import pandas as pd
 
 from analysis.audit import load_published
 from analysis.figures import pca_arrows
-from replication.cubes import CubeStore, open_cube
 from data_prep.paths import results_dir
+from replication.cubes import CubeStore, open_cube
 
 EXPERIMENT = "truthfulness"
 IE_SECTION = "truthfulness_intervention_effect"

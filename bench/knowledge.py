@@ -32,8 +32,8 @@ from nnsight import LanguageModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from replication.config import ModelSpec, load_model_table, load_profile
-from replication.models import DTYPES, load_model, resolve_device
 from replication.mechanics.patching import PatchModel, patch_effects, reference_patch_effects
+from replication.models import DTYPES, load_model, resolve_device
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 

@@ -25,8 +25,8 @@ N_DIRECTION = 32  # train instructions of each kind for the benchmark's directio
 
 
 def _setup(profile_name: str, key: str | None, n_prompts: int):
-    from replication.experiments import refusal
     from replication.config import load_profile
+    from replication.experiments import refusal
     from replication.models import load_model, resolve_device
 
     profile = load_profile(profile_name)

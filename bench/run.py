@@ -15,8 +15,8 @@ import sys
 
 import click
 
-from replication.cubes import now
 from data_prep.paths import REPO_ROOT
+from replication.cubes import now
 from replication.provenance import git_commit
 
 # Arguments per experiment and profile: the knowledge bench takes a model (of the model table or a profile); the

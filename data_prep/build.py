@@ -15,12 +15,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_prep import paths
 from data_prep.datasets import MANIFEST
 from data_prep.pairs import Encode, build_pairs, patching_specs
 from data_prep.refusal import refusal_splits
 from data_prep.sources import fetch, sha256_of, source, sources_with_role
 from data_prep.truth import load_few_shot_json, load_truth_csv
-from data_prep import paths
 
 PACKAGE_DIR = Path(__file__).parent
 FEW_SHOT_SOURCE = "truth/few_shot_samples.json"

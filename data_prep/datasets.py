@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from data_prep import paths
 from data_prep.errors import DataError
 from data_prep.pairs import Pair, patching_spec
 from data_prep.refusal import KINDS, SPLITS
 from data_prep.truth import truth_datasets
-from data_prep import paths
 
 MANIFEST = "manifest.json"
 BUILD_HINT = "run `ptr data` (or `make data`) to build it"
@@ -74,3 +74,11 @@ def read_refusal(kind: str, split: str) -> list[str]:
     _check_name(kind, KINDS, "refusal kind")
     _check_name(split, SPLITS, "refusal split")
     return json.loads(processed_file(f"refusal/{kind}_{split}.json").read_text(encoding="utf-8"))
+
+
+def instructions(kind: str, split: str, n: int) -> list[str]:
+    """The first n instructions of a kind (harmful / harmless) and split (train / test)."""
+    items = read_refusal(kind, split)
+    if len(items) < n:
+        raise ValueError(f"the {kind} {split} split has {len(items)} instructions; the profile asks for {n}")
+    return items[:n]

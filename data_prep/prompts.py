@@ -47,3 +47,21 @@ def intervention_statements(dataset: str) -> pd.DataFrame:
     few_shot_text = "\n".join(read_few_shot(dataset))
     inside = table["statement"].map(lambda s: s in few_shot_text)
     return table[~inside].reset_index(drop=True)
+
+
+def balanced_head(table: pd.DataFrame, max_statements: int | None) -> pd.DataFrame:
+    """At most `max_statements` rows: the first ceil(n/2) true and first floor(n/2) false statements in file order
+    (kept in file order). Balanced so that small samples hold both classes (larger_than's first 100 rows hold 3
+    true statements). None = every row."""
+    if max_statements is None:
+        return table.reset_index(drop=True)
+    quota = table["label"].map({1: (max_statements + 1) // 2, 0: max_statements // 2})
+    return table[table.groupby("label").cumcount() < quota].reset_index(drop=True)
+
+
+def intervention_table(dataset: str, max_statements: int | None) -> pd.DataFrame:
+    """The intervention statements (those not inside the few-shot text) with their prompts: columns statement,
+    label, prompt_index, prompt."""
+    table = balanced_head(intervention_statements(dataset), max_statements)
+    table["prompt"] = [intervention_prompt(dataset, s, i) for s, i in zip(table["statement"], table["prompt_index"])]
+    return table

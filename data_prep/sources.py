@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from data_prep.errors import DataError
 from data_prep import paths
+from data_prep.errors import DataError
 
 SOURCES_YAML = Path(__file__).with_name("sources.yaml")
 ROLES = ("truth", "few_shot", "refusal", "artifact", "tokenizer")

@@ -66,11 +66,11 @@ def run(experiment: str, profile: str, fresh: bool = False, dry_run: bool = Fals
     """Run one experiment (or all) for a profile and write its cube to results/<profile>/<experiment>.zarr.
     Resumable: finished units are skipped; a cube computed under another configuration is refused (see --fresh).
     Each run first prints its memory plan and stops when the visible GPU is too small for it."""
+    from data_prep.paths import results_dir
     from replication.config import load_profile
     from replication.cubes import StaleCubeError, set_aside
     from replication.memory import InsufficientMemoryError, check_fits, plan_lines, residencies
     from replication.models import resolve_device
-    from data_prep.paths import results_dir
 
     prof = load_profile(profile)
     names = EXPERIMENTS if experiment == "all" else (experiment,)
@@ -165,8 +165,8 @@ def audit(profile: str, strict: bool) -> None:
 def replicate(ctx: click.Context, profile: str) -> None:
     """Everything, in order: data -> post-training -> the four experiments -> report -> audit. Each step is
     resumable and skips what is already current; a summary (time per step, report paths, audit counts) ends it."""
-    from replication.config import load_profile
     from data_prep.paths import results_dir
+    from replication.config import load_profile
 
     steps = [("data", data, {"mirror": None})]
     if load_profile(profile).posttrained_models():

@@ -2,10 +2,10 @@
 
 Parameters are counted from each model's config on PyTorch's meta device (no weights are read or allocated):
 the profile's random-weight shape, the real config.json of a paper model (replication/configs/shapes.yaml), or
-the tiny models' code. The planner knows how each experiment loads its models (it asks replication.experiments.refusal and
-replication.experiments.confidence for their dtypes), so it sits beside the command line, above the experiments. `check_fits`
-refuses a run whose largest set of resident models does not fit the visible
-GPU, before any model is loaded.
+the tiny models' code. The planner knows how each experiment loads its models (the dtypes come from
+replication.models: `model_dtype` for refusal, `WEIGHTS_DTYPE` for confidence), so it needs no experiment.
+`check_fits` refuses a run whose largest set of resident models does not fit the visible GPU, before any model is
+loaded.
 """
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from replication import shapes
-from replication.models import tiny
 from replication.config import ModelSpec, Profile, load_model_table
-from replication.experiments.confidence import WEIGHTS_DTYPE
-from replication.experiments.refusal import model_dtype
+from replication.models import WEIGHTS_DTYPE, model_dtype, tiny
 
 GIB = 2 ** 30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -10,9 +10,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from data_prep.paths import REPO_ROOT, processed_dir
 from replication.config import EXPERIMENTS
 from replication.cubes import now
-from data_prep.paths import REPO_ROOT, processed_dir
 
 PACKAGES = ("torch", "transformers", "nnsight", "tokenizers", "xarray", "zarr", "numpy", "scikit-learn", "gguf")
 

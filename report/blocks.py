@@ -24,9 +24,9 @@ from IPython.display import Markdown
 
 from analysis import audit
 from analysis.figures import markdown_table
+from data_prep.paths import REPO_ROOT, results_dir
 from replication.config import load_profile
 from replication.cubes import UNITS_GROUP, open_cube
-from data_prep.paths import REPO_ROOT, results_dir
 
 DEFAULT_PROFILE = "demo"
 NOT_COMPUTED = "Not yet computed for this profile"

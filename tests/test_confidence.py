@@ -8,9 +8,9 @@ import pytest
 import torch
 import xarray as xr
 
+from replication.config import load_model_table
 from replication.experiments import confidence as conf
 from replication.models import tiny
-from replication.config import load_model_table
 
 TABLE = load_model_table()
 ARCH_KEYS = {"llama": "tiny-llama", "mistral": "tiny-mistral", "gemma3": "tiny-gemma"}

@@ -10,10 +10,10 @@ import xarray as xr
 
 from analysis import audit
 from analysis import confidence as analysis
-from replication.experiments import confidence as conf
+from data_prep.paths import results_dir
 from replication.config import load_model_table
 from replication.cubes import CubeStore
-from data_prep.paths import results_dir
+from replication.experiments import confidence as conf
 
 TABLE = load_model_table()
 FIGURE_1D = {"llama-3.1-8b": [12111, 993, 207, 2287, 8677, 10510, 1852, 11184, 12664, 8775],

@@ -9,11 +9,11 @@ import torch
 import yaml
 import zarr
 
-from replication.experiments import confidence as conf
+from data_prep.prompts import intervention_table
 from replication.config import PROFILE_DIR, load_model_table, load_profile
 from replication.cubes import COMPLETE_ATTR, open_cube
+from replication.experiments import confidence as conf
 from replication.models import load_model, position_ids_for
-from replication.experiments.truthfulness import intervention_table
 
 TABLE = load_model_table()
 PROMPTS = ["The city of Tokyo is in Japan. This statement is:",

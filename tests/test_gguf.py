@@ -13,8 +13,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 from transformers import PreTrainedTokenizerFast
 
-from replication.models import gguf
 from replication.config import load_model_table
+from replication.models import gguf
 
 SHA = "0" * 64
 

@@ -17,11 +17,11 @@ from analysis import knowledge as analysis
 from analysis.audit import audit, load_published
 from data_prep.build import build_all
 from data_prep.prompts import patching_prompts
-from replication.experiments import knowledge
 from replication.config import PROFILE_DIR, load_model_table, load_profile
 from replication.cubes import COMPLETE_ATTR, UNITS_GROUP, open_cube
-from replication.models import load_model
+from replication.experiments import knowledge
 from replication.mechanics.patching import PatchModel, reference_patch_effects
+from replication.models import load_model
 
 DATA = Path(__file__).parent / "data"
 SHIPPED = "paper_artifacts/patching_results.json"

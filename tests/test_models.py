@@ -6,23 +6,23 @@ import dataclasses
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 from nnsight import TransformersModel
 
-from replication.models import tiny
+from data_prep.paths import REPO_ROOT
 from replication.config import load_model_table
 from replication.models import (
+    NotPosttrainedError,
     decoder_layers,
     format_prompt,
     load_model,
     load_tokenizer,
     module_at,
     position_ids_for,
+    tiny,
 )
-from data_prep.paths import REPO_ROOT
 
 TINY_KEYS = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma"]
 PROMPTS = ["The city of Tokyo is in Japan. This statement is:", "Seventy is larger"]  # different lengths
@@ -202,17 +202,25 @@ def test_local_directory_gguf_and_posttrain_sources(table, saved_tiny, monkeypat
     local = dataclasses.replace(table["llama-3.1-8b"], hf_id=str(saved_tiny))
     gguf = dataclasses.replace(table["gemma-3-270m"], arch="llama", architecture=table["tiny-llama"].architecture)
     post = table["tiny-llama-sft"]
+    import replication.models
     import replication.models.gguf
 
     monkeypatch.setattr(replication.models.gguf, "base_model_dir", lambda spec: saved_tiny)
-    monkeypatch.setitem(sys.modules, "replication.posttrain",
-                        types.SimpleNamespace(ensure_posttrained=lambda spec: saved_tiny))
+    monkeypatch.setattr(replication.models, "posttrained_dir", lambda spec: saved_tiny)
     for spec in (local, gguf, post):
         model = load_model(spec)
         assert isinstance(model, TransformersModel) and model.tokenizer.padding_side == "left"
         state = model._module.state_dict()
         assert state.keys() == reference.keys(), spec.key
         assert all(torch.equal(state[name], reference[name]) for name in reference), spec.key
+
+
+def test_loading_a_model_not_yet_posttrained_is_an_error_naming_ptr_posttrain(processed_data, table, tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.setenv("PTR_CACHE_DIR", str(tmp_path))
+    with pytest.raises(NotPosttrainedError, match=r"'tiny-llama-sft'.*`ptr posttrain --profile P`"):
+        load_model(table["tiny-llama-sft"])
+    assert not (tmp_path / "models").exists()  # nothing was trained or written
 
 
 def test_posttrain_tokenizer_is_its_base_tokenizer(table):

@@ -143,7 +143,7 @@ def test_the_audit_compares_paper_shape_with_the_published_numbers_and_says_the_
                                        ("mistral-tulu2", (12673, 11989)), ("llama2", (15676, 17131))])
 def test_answer_ids_are_the_originals_last_token_of_true_and_false(name, ids, mirror):
     from data_prep.tokenizers import reference_tokenizer
-    from replication.experiments.truthfulness import answer_token_ids
+    from replication.mechanics.forward import answer_token_ids
 
     tokenizer = reference_tokenizer(name)
     assert answer_token_ids(tokenizer) == ids

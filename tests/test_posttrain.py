@@ -11,9 +11,8 @@ import yaml
 from safetensors.torch import load_file
 
 from replication import posttrain as pt
-from replication.models import tiny
 from replication.config import ConfigError, load_model_table, load_profile
-from replication.models import format_prompt, load_model
+from replication.models import format_prompt, load_model, posttrained, tiny
 
 TRAINING = pt.TrainingRecipe(epochs=2, batch_size=2, lr=1e-3, warmup_fraction=0.25, weight_decay=0.0,
                              max_grad_norm=1.0)
@@ -176,7 +175,7 @@ def test_training_lowers_the_reply_loss(table, tokenizer):
 # ---- recipes and hash --------------------------------------------------------------------------------------------
 
 def test_recipes_load_and_the_tables_recipes_exist(table):
-    recipes = pt.load_recipes()
+    recipes = posttrained.load_recipes()
     assert {"demo", "tiny"} <= set(recipes)
     for spec in table.values():
         if spec.source == "posttrain":
@@ -192,29 +191,29 @@ def test_recipes_load_and_the_tables_recipes_exist(table):
     (lambda r: r["evaluation"].update(truth_datasets=["citys"]), "Did you mean 'cities'"),
 ])
 def test_recipe_mistakes_are_config_errors(tmp_path, edit, message):
-    data = yaml.safe_load(pt.RECIPES.read_text())
+    data = yaml.safe_load(posttrained.RECIPES.read_text())
     edit(data["recipes"]["demo"])
     path = tmp_path / "recipes.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=message):
-        pt.load_recipes(path)
+        posttrained.load_recipes(path)
 
 
 def test_recipe_hash_follows_what_determines_the_weights(table):
-    recipe = pt.load_recipe("tiny")
-    base = pt.model_identity(table["tiny-llama"])
-    digest = pt.recipe_hash(recipe, base, "a" * 64)
-    assert digest == pt.recipe_hash(recipe, pt.model_identity(table["tiny-llama"]), "a" * 64)
+    recipe = posttrained.load_recipe("tiny")
+    base = posttrained.model_identity(table["tiny-llama"])
+    digest = posttrained.recipe_hash(recipe, base, "a" * 64)
+    assert digest == posttrained.recipe_hash(recipe, posttrained.model_identity(table["tiny-llama"]), "a" * 64)
     changed = [
         dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, lr=2e-3)),
         dataclasses.replace(recipe, seed=1),
         dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, n_harmful=9)),
     ]
-    assert all(pt.recipe_hash(r, base, "a" * 64) != digest for r in changed)
-    assert pt.recipe_hash(recipe, base, "b" * 64) != digest
-    assert pt.recipe_hash(recipe, pt.model_identity(table["tiny-mistral"]), "a" * 64) != digest
+    assert all(posttrained.recipe_hash(r, base, "a" * 64) != digest for r in changed)
+    assert posttrained.recipe_hash(recipe, base, "b" * 64) != digest
+    assert posttrained.recipe_hash(recipe, posttrained.model_identity(table["tiny-mistral"]), "a" * 64) != digest
     evaluation_only = dataclasses.replace(recipe, evaluation=dataclasses.replace(recipe.evaluation, n_test=2))
-    assert pt.recipe_hash(evaluation_only, base, "a" * 64) == digest
+    assert posttrained.recipe_hash(evaluation_only, base, "a" * 64) == digest
 
 
 def test_profiles_list_their_posttrained_models():
@@ -240,7 +239,7 @@ def test_ensure_trains_once_saves_a_loadable_model_and_its_card(processed_data, 
     monkeypatch.setattr(pt, "posttrain", lambda *args: calls.append(args))
     assert pt.ensure_posttrained(spec, device="cpu", progress=False) == path and calls == []
 
-    model = load_model(spec)  # through the model loader, which calls ensure_posttrained
+    model = load_model(spec)  # through the model loader, which finds the finished model
     tokenizer = model.tokenizer
     end_id = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert end_id in model._module.generation_config.eos_token_id

@@ -7,8 +7,8 @@ import pytest
 import torch
 from nnsight import LanguageModel
 
-from replication.experiments import refusal
 from replication.config import load_model_table, load_profile
+from replication.experiments import refusal
 from replication.mechanics.refusal_score import is_refusal, refusal_score
 from replication.models.tiny import build_model, build_tokenizer
 
@@ -114,8 +114,8 @@ def test_mistral_prompts_start_with_one_bos_where_the_originals_had_two():
     vocabulary, the two differ by exactly that one leading BOS; the last token, where the direction is read
     (refusal_pos -1), is [/INST] in both."""
     from data_prep.tokenizers import reference_tokenizer
+    from replication.mechanics.forward import encode
     from replication.models import _prepare_tokenizer, format_prompt
-    from replication.experiments.truthfulness import encode
 
     tok = reference_tokenizer("mistral")
     spec = load_model_table()["mistral-7b-instruct"]

@@ -12,8 +12,8 @@ import pytest
 import xarray as xr
 from click.testing import CliRunner
 
-from replication.cubes import CubeStore
 from data_prep.paths import REPO_ROOT
+from replication.cubes import CubeStore
 from report import render as rr
 
 SECTIONS = ["Summary", "Knowledge", "Truthfulness", "Refusal", "Confidence", "Audit", "Provenance"]

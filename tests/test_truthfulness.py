@@ -10,8 +10,9 @@ import torch
 from sklearn.decomposition import PCA
 
 from data_prep.prompts import SUFFIX
-from replication.experiments import truthfulness as tr
 from replication.config import load_model_table
+from replication.experiments import truthfulness as tr
+from replication.mechanics import forward
 from replication.models import load_model, position_ids_for
 
 TABLE = load_model_table()
@@ -75,7 +76,7 @@ def test_edit_positions_are_the_statement_end_and_the_token_before(tiny):
     for prompt, statement in zip(PROMPTS, STATEMENTS):
         ids = tokenizer(prompt).input_ids
         n_statement = len(tokenizer(FEW_SHOT + statement).input_ids)  # tokens up to and including the final '.'
-        last, before = tr.statement_end_positions(tokenizer)
+        last, before = forward.statement_end_positions(tokenizer)
         assert len(ids) + last == n_statement - 1 and len(ids) + before == n_statement - 2
         assert tokenizer.decode(ids[last]).endswith(".")
 
@@ -88,13 +89,13 @@ def test_edit_positions_equal_the_originals_len_suffix_for_llama3(llama3_encode)
     tokenizer = Llama3Tokenizer()
     len_suffix = len(tokenizer.encode("This statement is:"))
     assert len_suffix == 5  # methods_reference §1.4
-    assert tr.statement_end_positions(tokenizer) == (-len_suffix, -len_suffix - 1)
+    assert forward.statement_end_positions(tokenizer) == (-len_suffix, -len_suffix - 1)
 
 
 def test_intervention_equals_plain_forward_hooks(tiny):
     model, layers = tiny
     tokenizer = model.tokenizer
-    true_id, false_id = tr.answer_token_ids(tokenizer)
+    true_id, false_id = forward.answer_token_ids(tokenizer)
     assert tokenizer.decode([true_id]) == " TRUE" and tokenizer.decode([false_id]) == " FALSE"
     generator = torch.Generator().manual_seed(0)
     hidden_size = model._module.config.hidden_size

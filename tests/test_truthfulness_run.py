@@ -12,9 +12,9 @@ import zarr
 from analysis import truthfulness as analysis
 from analysis.audit import audit, load_published
 from data_prep.prompts import intervention_prompt
-from replication.experiments import truthfulness as tr
 from replication.config import PROFILE_DIR, load_model_table, load_profile
 from replication.cubes import COMPLETE_ATTR, UNITS_GROUP, open_cube
+from replication.experiments import truthfulness as tr
 from replication.models import load_model
 
 TABLE = load_model_table()

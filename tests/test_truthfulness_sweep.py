@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from replication.experiments import truthfulness as tr
 from replication.config import load_model_table
+from replication.experiments import truthfulness as tr
 from replication.models import load_model
 
 DATASETS = ["cities", "sp_en_trans", "animal_class"]

@@ -15,7 +15,7 @@ profile's dtype. Where the model table names an RMSNorm on the MLP output (Gemma
 the paper's models has one) its gain scales w_out, so that w_out is the direction the neuron writes.
 
 Output confidence: each model reads the few-shot TRUE/FALSE prompts of the truthfulness intervention, on the same
-statements (replication.experiments.truthfulness.intervention_table: statements outside the few-shot text, at most
+statements (data_prep.prompts.intervention_table: statements outside the few-shot text, at most
 max_statements, balanced between true and false); at the last position we record the entropy of the next-token
 distribution and P(TRUE) / (P(TRUE) + P(FALSE)), from which the answer, its confidence and the calibration
 (expected calibration error, reliability curve) follow.
@@ -38,12 +38,13 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from data_prep.paths import results_dir
+from data_prep.prompts import intervention_table
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
-from replication.models import load_model, module_at
-from data_prep.paths import results_dir
+from replication.mechanics.forward import answer_token_ids, encode, length_batches
+from replication.models import WEIGHTS_DTYPE, load_model, module_at
 from replication.provenance import provenance
-from replication.experiments.truthfulness import answer_token_ids, encode, intervention_table, length_batches
 
 EXPERIMENT = "confidence"
 WU_VARIANTS = ("tl", "raw")  # TransformerLens-processed W_U (as the original) / raw lm_head weights
@@ -51,7 +52,6 @@ PAPER_WU = "tl"
 LOG_FLOOR = 1e-10  # the original's max(1e-10, LogitVar) inside the log of the ratio
 CHUNK_NEURONS = 256  # neurons per cosine block: [256, d_vocab] floats at a time, never [d_mlp, d_vocab]
 N_BINS = 10  # equal-width confidence bins of the calibration error and the reliability curve
-WEIGHTS_DTYPE = "float32"  # the original's TransformerLens models are fp32; bf16 loading would round fp16 weights
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,12 +35,13 @@ from tqdm import tqdm
 from data_prep.datasets import read_pairs
 from data_prep.errors import DataError
 from data_prep.pairs import KNOWLEDGE_ROLE, Pair, difference_roles, offset_roles, patching_spec
+from data_prep.paths import results_dir
 from data_prep.prompts import SUFFIX, patching_prompts
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
+from replication.mechanics.forward import answer_token_ids
+from replication.mechanics.patching import PatchModel, TrueRun, patch_true_run, true_run
 from replication.models import load_model, load_tokenizer, release, resolve_device
-from data_prep.paths import results_dir
-from replication.mechanics.patching import PatchModel, TrueRun, answer_token_ids, patch_true_run, true_run
 from replication.provenance import provenance
 
 EXPERIMENT = "knowledge"

@@ -54,16 +54,17 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from data_prep.datasets import read_refusal
+from data_prep.datasets import instructions, read_refusal
+from data_prep.paths import results_dir
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
-from replication.mechanics.generation import greedy_generate, hf_module
-from replication.models import format_prompt, load_model, position_ids_for, release
-from data_prep.paths import results_dir
-from replication.provenance import provenance
+from replication.mechanics.directions import cosine_similarity, mean_difference, pca_projection, unit_vector
+from replication.mechanics.forward import resid_pre_activations
+from replication.mechanics.generation import greedy_generate
 from replication.mechanics.refusal_score import is_refusal, refusal_score
 from replication.mechanics.steering import Steering
-from replication.experiments.truthfulness import cosine_similarity, encode, length_batches, pca_projection
+from replication.models import load_model, model_dtype, prompts, release
+from replication.provenance import provenance
 
 EXPERIMENT = "refusal"
 KINDS = ("harmful", "harmless")
@@ -78,55 +79,7 @@ DIRECTION_POSITIONS = 5  # directions are kept at the last 5 prompt positions (a
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def instructions(kind: str, split: str, n: int) -> list[str]:
-    """The first n instructions of a kind (harmful / harmless) and split (train / test)."""
-    items = read_refusal(kind, split)
-    if len(items) < n:
-        raise ValueError(f"the {kind} {split} split has {len(items)} instructions; the profile asks for {n}")
-    return items[:n]
-
-
-def prompts(model, spec: ModelSpec, items: Sequence[str], template: str | None = None) -> list[str]:
-    """Instructions in the model's template (or `template`), ready to tokenise with BOS."""
-    return [format_prompt(spec, model.tokenizer, item, template) for item in items]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Directions
-
-
-@torch.inference_mode()
-def resid_pre_activations(model, texts: Sequence[str], positions: Sequence[int], *, batch_size: int,
-                          progress: bool = False) -> torch.Tensor:
-    """[prompt, block, position, hidden] in the model's dtype: the residual stream entering every decoder block
-    (TransformerLens resid_pre = HF hidden_states[block]) at `positions` (negative: from the end of the prompt)."""
-    hf_model = hf_module(model)
-    device = next(hf_model.parameters()).device
-    result = None
-    for batch in tqdm(length_batches(model.tokenizer, texts, batch_size), desc="activations", leave=False,
-                      disable=not progress):
-        input_ids, attention_mask = (t.to(device) for t in encode(model.tokenizer, [texts[i] for i in batch]))
-        states = hf_model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
-                          position_ids=position_ids_for(attention_mask), output_hidden_states=True).hidden_states
-        # hidden_states[-1] is after the final norm, not the input of a block
-        acts = torch.stack(states[:-1], dim=1)[:, :, list(positions)]
-        if result is None:
-            result = torch.empty(len(texts), *acts.shape[1:], dtype=acts.dtype)
-        result[batch] = acts.cpu()
-    return result
-
-
-def mean_difference(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
-    """mean(harmful) - mean(harmless) over the first axis (instructions), accumulated in float64."""
-    return harmful.double().mean(dim=0) - harmless.double().mean(dim=0)
-
-
-def unit_vector(vectors: torch.Tensor) -> torch.Tensor:
-    """Each vector along the last axis divided by its norm."""
-    return vectors / vectors.norm(dim=-1, keepdim=True)
 
 
 def direction_cosines(directions: torch.Tensor) -> torch.Tensor:
@@ -279,12 +232,6 @@ def generation_unit(model, spec: ModelSpec, items: Sequence[str], steer: Steerin
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running a profile
-
-
-def model_dtype(profile: Profile, spec: ModelSpec) -> str:
-    """The dtype a model runs in here: its table's refusal_dtype (the original's float16 Llama-2-13b models) or
-    the profile's."""
-    return spec.settings.refusal_dtype or profile.dtype
 
 
 def open_store(profile: Profile, name: str = EXPERIMENT) -> CubeStore:

@@ -36,14 +36,13 @@ from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
 from data_prep.datasets import read_truth
-from data_prep.prompts import SUFFIX, intervention_prompt, intervention_statements
+from data_prep.paths import results_dir
+from data_prep.prompts import balanced_head, intervention_table
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
+from replication.mechanics.directions import centre, cosine_similarity, pca_projection
+from replication.mechanics.forward import last_token_activations, true_false_probabilities
 from replication.models import decoder_layers, load_model, release
-# The answer ids as the original's interventions.py takes them: the last token of " TRUE" / " FALSE" (on the
-# SentencePiece tokenizers a lone "\u2581" precedes the word piece "\u2581TRUE").
-from replication.mechanics.patching import answer_token_ids
-from data_prep.paths import results_dir
 from replication.provenance import provenance
 
 EXPERIMENT = "truthfulness"
@@ -56,121 +55,13 @@ NO_INTERVENTION = "none"
 # Data
 
 
-def balanced_head(table: pd.DataFrame, max_statements: int | None) -> pd.DataFrame:
-    """At most `max_statements` rows: the first ceil(n/2) true and first floor(n/2) false statements in file order
-    (kept in file order). Balanced so that small samples hold both classes (larger_than's first 100 rows hold 3
-    true statements). None = every row."""
-    if max_statements is None:
-        return table.reset_index(drop=True)
-    quota = table["label"].map({1: (max_statements + 1) // 2, 0: max_statements // 2})
-    return table[table.groupby("label").cumcount() < quota].reset_index(drop=True)
-
-
 def probe_statements(dataset: str, max_statements: int | None) -> pd.DataFrame:
     """The bare statements (columns statement, label) whose activations are read."""
     return balanced_head(read_truth(dataset)[["statement", "label"]], max_statements)
 
 
-def intervention_table(dataset: str, max_statements: int | None) -> pd.DataFrame:
-    """The intervention statements (those not inside the few-shot text) with their prompts: columns statement,
-    label, prompt_index, prompt."""
-    table = balanced_head(intervention_statements(dataset), max_statements)
-    table["prompt"] = [intervention_prompt(dataset, s, i) for s, i in zip(table["statement"], table["prompt_index"])]
-    return table
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Forward passes (nnsight)
-
-
-def length_batches(tokenizer, texts: Sequence[str], batch_size: int) -> list[list[int]]:
-    """Indices of `texts` in batches of similar token length (less padding); callers put results back by index."""
-    lengths = [len(ids) for ids in tokenizer(list(texts)).input_ids]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def encode(tokenizer, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask of a left-padded batch, with the tokenizer's special tokens (BOS)."""
-    if tokenizer.padding_side != "left":
-        raise ValueError("the tokenizer must pad on the left, so that position -1 is every row's last token")
-    batch = tokenizer(list(texts), padding=True, return_tensors="pt")
-    return batch.input_ids, batch.attention_mask
-
-
-def last_token_activations(model, layers: Sequence, statements: Sequence[str], *, batch_size: int,
-                           progress: bool = False) -> torch.Tensor:
-    """[statement, layer, hidden] float32: the output of each decoder layer in `layers` at each statement's last
-    token (generate_acts.py; no prompt, the statement alone)."""
-    result = None
-    batches = length_batches(model.tokenizer, statements, batch_size)
-    for batch in tqdm(batches, desc="activations", disable=not progress, leave=False):
-        input_ids, attention_mask = encode(model.tokenizer, [statements[i] for i in batch])
-        with torch.inference_mode(), model.trace(input_ids, attention_mask=attention_mask) as tracer:
-            acts = torch.stack([layer.output[:, -1, :] for layer in layers], dim=1).save()
-            tracer.stop()  # nothing after the last decoder layer is needed
-        if result is None:
-            result = torch.empty(len(statements), *acts.shape[1:])
-        result[batch] = acts.float().cpu()
-    return result
-
-
-def suffix_token_ids(tokenizer) -> list[int]:
-    """The tokens that " This statement is:" becomes after a statement's final '.' (the end of every prompt)."""
-    period = tokenizer.encode(".", add_special_tokens=False)
-    with_suffix = tokenizer.encode("." + SUFFIX, add_special_tokens=False)
-    if with_suffix[:len(period)] != period:
-        raise ValueError(f"the tokenizer merges the statement's '.' with {SUFFIX!r}; the edit positions are undefined")
-    return with_suffix[len(period):]
-
-
-def statement_end_positions(tokenizer) -> tuple[int, int]:
-    """Positions (from the end of a prompt) of the statement's final token and the token before it.
-
-    The original uses -len_suffix and -len_suffix - 1 with len_suffix = len(tokenizer.encode('This statement is:')),
-    which counts BOS: for Llama-3 that is 5 = BOS + the 4 suffix tokens, i.e. exactly these positions. Counting the
-    suffix tokens in context gives the same positions there and stays right for tokenizers where the suffix alone
-    tokenises differently (e.g. 'This' vs ' This') or that add no BOS."""
-    n_suffix = len(suffix_token_ids(tokenizer))
-    return -n_suffix - 1, -n_suffix - 2
-
-
-def true_false_probabilities(model, layers: Sequence, prompts: Sequence[str], *, batch_size: int,
-                             edit_layers: Sequence[int] = (), shifts: torch.Tensor | None = None,
-                             progress: bool = False) -> torch.Tensor:
-    """[prompt, 2] float32: P(' TRUE') and P(' FALSE') at each prompt's last position (softmax over the vocabulary).
-
-    With `shifts` ([prompt, hidden]), row i is added to the output of each decoder layer in `edit_layers` at the
-    statement's final token and the one before (interventions.py), before later layers read it."""
-    tokenizer = model.tokenizer
-    answer_ids = list(answer_token_ids(tokenizer))
-    suffix = torch.tensor(suffix_token_ids(tokenizer))
-    positions = statement_end_positions(tokenizer)
-    probabilities = torch.empty(len(prompts), 2)
-    for batch in tqdm(length_batches(tokenizer, prompts, batch_size), desc="prompts", disable=not progress,
-                      leave=False):
-        input_ids, attention_mask = encode(tokenizer, [prompts[i] for i in batch])
-        if not (input_ids[:, -len(suffix):] == suffix).all():
-            raise ValueError(f"a prompt does not end in the tokens of {SUFFIX!r}; the edit positions would be wrong")
-        with torch.inference_mode(), model.trace(input_ids, attention_mask=attention_mask, logits_to_keep=1):
-            if shifts is not None:
-                for index in edit_layers:
-                    hidden = layers[index].output
-                    shift = shifts[batch].to(hidden.device)  # float32: added, then rounded to the model dtype
-                    for position in positions:
-                        hidden[:, position, :] += shift
-            logits = model.output.logits[:, -1, :].save()
-        probabilities[batch] = logits.float().softmax(dim=-1)[:, answer_ids].cpu()
-    return probabilities
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Directions and probes (plain tensors)
-
-
-def centre(acts: torch.Tensor) -> torch.Tensor:
-    """Activations minus their mean over statements (utils.collect_acts(center=True), one dataset at a time)."""
-    return acts - acts.mean(dim=0, keepdim=True)
 
 
 def class_means(acts: torch.Tensor, labels) -> torch.Tensor:
@@ -183,11 +74,6 @@ def truth_direction(acts: torch.Tensor, labels) -> torch.Tensor:
     """mean(true) - mean(false): the MMProbe direction."""
     true_mean, false_mean = class_means(acts, labels)
     return true_mean - false_mean
-
-
-def cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine of the angle between a and b along the last axis."""
-    return (a * b).sum(dim=-1) / (a.norm(dim=-1) * b.norm(dim=-1))
 
 
 @dataclass
@@ -243,19 +129,6 @@ def average_intervention_effect(true_before: float, true_after: float, false_bef
     true_to_false = intervention_effect(true_before, true_after, -1.0)
     false_to_true = intervention_effect(false_before, false_after, 1.0)
     return (true_to_false + false_to_true) / 2
-
-
-def pca_projection(acts: torch.Tensor, directions: torch.Tensor, n_components: int = 2
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(coordinates of the statements, coordinates of the unit directions, explained variance ratio) on the top
-    principal components of `acts`. Each component's sign makes the first direction point to positive values."""
-    centred = centre(acts)
-    _, singular_values, components = torch.linalg.svd(centred, full_matrices=False)
-    components = components[:n_components]
-    units = directions / directions.norm(dim=-1, keepdim=True)
-    components = components * torch.sign(units[0] @ components.T)[:, None]
-    variance = singular_values**2
-    return centred @ components.T, units @ components.T, (variance / variance.sum())[:n_components]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional
 from transformers import DynamicCache
 
+from replication.mechanics.forward import answer_token_ids
 from replication.models import decoder_layers, module_at
 
 
@@ -50,11 +51,6 @@ class PatchModel:
         module = self.head._module
         ids = list(self.answer_ids)
         return module.weight[ids], None if module.bias is None else module.bias[ids]
-
-
-def answer_token_ids(tokenizer) -> tuple[int, int]:
-    """As the original: the last token of tokenizer(" TRUE") and of tokenizer(" FALSE")."""
-    return tokenizer(" TRUE").input_ids[-1], tokenizer(" FALSE").input_ids[-1]
 
 
 def logit_difference(logits: torch.Tensor, answer_ids: tuple[int, int]) -> torch.Tensor:

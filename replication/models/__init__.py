@@ -1,8 +1,9 @@
 """Loading models and tokenizers from model-table specs, and the model-family-independent ways to use them.
 
 `load_model` is the single way to get a model: it returns an `nnsight.TransformersModel` around the Hugging Face
-model, whatever the source (hub id or local directory, GGUF package, post-trained model in the cache, tiny random
-model built in code). Facts other code relies on (transformers 5.24, nnsight 0.8.1):
+model, whatever the source (hub id or local directory, GGUF package, post-trained model in the cache (made beforehand
+by `ptr posttrain`: loading never trains), tiny random model built in code). Facts other code relies on (transformers
+5.24, nnsight 0.8.1):
 
 * A decoder layer returns a plain tensor: read and write `layer.output`, never `layer.output[0]` (that would be
   batch element 0, silently).
@@ -20,21 +21,28 @@ from __future__ import annotations
 import gc
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from nnsight import TransformersModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from replication.config import CHAT, ModelSpec, Profile, load_model_table
 from replication.models import tiny
-from replication.config import CHAT, ModelSpec, load_model_table
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The confidence experiment's dtype: the original's TransformerLens models are fp32; bf16 loading would round fp16
+# weights. Here, beside model_dtype, because memory planning needs both without importing the experiments.
+WEIGHTS_DTYPE = "float32"
 
 
 class ModelNotAvailableError(RuntimeError):
     """The weights of a model cannot be had here; the message says how to get them."""
+
+
+class NotPosttrainedError(ModelNotAvailableError):
+    """A post-trained model is not in the cache yet: loading never trains; `ptr posttrain` makes it."""
 
 
 def load_model(spec: ModelSpec, *, dtype: str = "float32", device: str = "cpu") -> TransformersModel:
@@ -161,13 +169,24 @@ def format_prompt(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, instructi
     return text[len(bos):] if spec.adds_bos and bos and text.startswith(bos) else text
 
 
+def prompts(model, spec: ModelSpec, items: Sequence[str], template: str | None = None) -> list[str]:
+    """Instructions in the model's template (or `template`), ready to tokenise with BOS."""
+    return [format_prompt(spec, model.tokenizer, item, template) for item in items]
+
+
+def model_dtype(profile: Profile, spec: ModelSpec) -> str:
+    """The dtype a model runs in for the refusal experiment: its table's refusal_dtype (the original's float16
+    Llama-2-13b models) or the profile's."""
+    return spec.settings.refusal_dtype or profile.dtype
+
+
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids counting from each left-padded row's first real token (what nnsight passes for such a batch)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _weights_location(spec: ModelSpec) -> tuple[str, str | None]:
-    """(hub id or local directory, revision) holding the model's files; builds GGUF / post-trained dirs on demand."""
+    """(hub id or local directory, revision) holding the model's files; converts a GGUF package on demand."""
     if spec.source == "hub":
         local = Path(spec.hf_id).expanduser()
         return (str(local), None) if local.is_dir() else (spec.hf_id, spec.revision)
@@ -176,10 +195,21 @@ def _weights_location(spec: ModelSpec) -> tuple[str, str | None]:
 
         return str(base_model_dir(spec)), None
     if spec.source == "posttrain":
-        from replication.posttrain import ensure_posttrained
-
-        return str(ensure_posttrained(spec)), None
+        return str(posttrained_dir(spec)), None
     raise ValueError(f"model {spec.key!r}: source {spec.source!r} has no weight files")
+
+
+def posttrained_dir(spec: ModelSpec) -> Path:
+    """The finished post-trained model's directory; NotPosttrainedError naming `ptr posttrain` when it is absent."""
+    from replication.models.posttrained import is_finished, target
+
+    made = target(spec)
+    if not is_finished(made.directory, made.digest):
+        raise NotPosttrainedError(
+            f"model {spec.key!r} (SFT of {spec.base!r}, recipe {spec.recipe!r}) has not been post-trained yet: "
+            f"{made.directory} holds no finished model. Make it with `ptr posttrain --profile P` (P: the profile "
+            f"that uses it, e.g. demo or tiny), or run the whole pipeline with `ptr replicate --profile P`.")
+    return made.directory
 
 
 def _offline() -> bool:
