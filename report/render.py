@@ -44,7 +44,8 @@ KINDS = {"fig": "Figure", "tbl": "Table"}
 CROSS_REF = re.compile(r"(?<![\w@])@((?:fig|tbl)-[\w-]*\w)")
 CSS = REPORT_DIR / "fallback.css"
 TYPST_HEADER = REPORT_DIR / "typst-header.typ"
-PANDOC_ARGS = ["--standalone", "--toc", "--metadata=toc-title:Contents"]
+FILTER = REPORT_DIR / "filters.lua"  # collapsed appendix tables in HTML, the profile box in typst (Quarto runs it too)
+PANDOC_ARGS = ["--standalone", "--toc", "--metadata=toc-title:Contents", f"--lua-filter={FILTER}"]
 
 
 @dataclass(frozen=True)

@@ -162,9 +162,29 @@ def _knowledge_datasets(profile_name: str, maps: dict, models: tuple[tuple[str, 
             if all((s, t, d) in maps for s, t in models)]
 
 
-def _map_panel(a: knowledge.Map, title: str, values: np.ndarray | None = None):
+ROWS_PER_FIGURE = 3  # datasets per knowledge figure: three rows of 32-layer maps fit an A4 page with the caption
+KNOWLEDGE_PARTS = 3  # knowledge figures per kind in index.qmd (fig-knowledge-maps, -maps-2, -maps-3): 9 datasets
+
+
+def _map_panel(a: knowledge.Map, title, values: np.ndarray | None = None, layer_axis: bool = True):
     return token_heatmap(knowledge.normalize(a.values) if values is None else values, a.columns, a.knowledge,
-                         title=title, legend_title="normalised effect")
+                         title=title, legend_title="normalised effect", layer_axis=layer_axis)
+
+
+def _map_rows(rows: list[list], title: str):
+    """Rows of map panels (one dataset a row) under one title, sharing one colour legend below them."""
+    return alt.vconcat(*[alt.hconcat(*row, spacing=8) for row in rows], spacing=14).properties(
+        title=title).configure_legend(orient="bottom", direction="horizontal", gradientLength=220,
+                                      titleFontSize=11, labelFontSize=10)
+
+
+def _part(profile_name: str, datasets: list[str], part: int) -> list[str]:
+    """The datasets of figure `part` (1, 2, ...); a dataset beyond the document's last part is an error."""
+    if len(datasets) > ROWS_PER_FIGURE * KNOWLEDGE_PARTS:
+        raise ValueError(f"profile {profile_name} has {len(datasets)} knowledge datasets; the report shows at most "
+                         f"{ROWS_PER_FIGURE * KNOWLEDGE_PARTS} (add chunks to report/index.qmd and raise "
+                         "sections.KNOWLEDGE_PARTS)")
+    return datasets[(part - 1) * ROWS_PER_FIGURE:part * ROWS_PER_FIGURE]
 
 
 def _unit_maps(profile_name: str) -> dict:
@@ -178,33 +198,52 @@ def _cached_maps(profile_name: str, _path) -> dict:
 
 
 @needs("knowledge")
-def knowledge_maps(profile_name: str):
-    """Per dataset: BASE's and POST's normalised maps and BASE - POST (the reference pair)."""
+def knowledge_maps(profile_name: str, part: int = 1):
+    """One row per dataset (`part` of them, ROWS_PER_FIGURE a figure): BASE's and POST's normalised maps and
+    BASE − POST (the reference pair)."""
     maps = _unit_maps(profile_name)
     base, post = knowledge.reference_pair(profile_name)
-    panels = []
-    for dataset in _knowledge_datasets(profile_name, maps, ((base, base), (post, post))):
+    post_role = role_of(profile_name, post)
+    rows = []
+    for dataset in _part(profile_name, _knowledge_datasets(profile_name, maps, ((base, base), (post, post))), part):
         a, b = maps[base, base, dataset], maps[post, post, dataset]
         n = min(len(a.columns), len(b.columns))
         a, b = a.last(n), b.last(n)
         difference = knowledge.normalize(a.values) - knowledge.normalize(b.values)
-        panels += [_map_panel(a, f"{dataset}: BASE"), _map_panel(b, f"{dataset}: {role_of(profile_name, post)}"),
-                   _map_panel(a, f"{dataset}: BASE − {role_of(profile_name, post)}", difference)]
-    # Two datasets a row: the figure is as wide as the page and short enough to stay on one with its caption.
-    return grid(panels, 6, pair_title(profile_name, base, post), legend_below=True) if panels else None
+        rows.append([_map_panel(a, [dataset, f"BASE {base}"]),
+                     _map_panel(b, [dataset, f"{post_role} {post}"], layer_axis=False),
+                     _map_panel(a, [dataset, f"BASE − {post_role}"], difference, layer_axis=False)])
+    return _map_rows(rows, pair_title(profile_name, base, post)) if rows else None
 
 
 @needs("knowledge")
-def knowledge_cross_maps(profile_name: str):
-    """Per dataset: cross-model maps forward (BASE's states patched into POST) and backward (the reverse)."""
+def knowledge_paper_maps(profile_name: str):
+    """The profile's cities maps (BASE, POST of the reference pair) beside the paper's: the authors' shipped
+    Llama-3.1-8B-Instruct map (analysis.knowledge.paper_map), all normalised alike."""
+    maps = _unit_maps(profile_name)
+    base, post = knowledge.reference_pair(profile_name)
+    paper, entry = knowledge.paper_map()
+    dataset = entry["dataset"]
+    panels = [_map_panel(maps[model, model, dataset], [f"this profile: {dataset}", f"{role_of(profile_name, model)} "
+                                                       f"{model}"], layer_axis=i == 0)
+              for i, model in enumerate((base, post)) if (model, model, dataset) in maps]
+    if not panels:
+        return None
+    panels.append(_map_panel(paper, [f"paper: {dataset}", f"{entry['model']} (authors' {entry['source'].split('/')[-1]})"]))
+    return _map_rows([panels], f"Profile {profile_name} beside the paper's own map ({dataset})")
+
+
+@needs("knowledge")
+def knowledge_cross_maps(profile_name: str, part: int = 1):
+    """One row per dataset: cross-model maps forward (BASE's states patched into POST) and backward (the reverse)."""
     maps = _unit_maps(profile_name)
     base, post = knowledge.reference_pair(profile_name)
     post_role = role_of(profile_name, post)
-    panels = []
-    for dataset in _knowledge_datasets(profile_name, maps, ((base, post), (post, base))):
-        panels += [_map_panel(maps[base, post, dataset], f"{dataset}: forward, BASE → {post_role}"),
-                   _map_panel(maps[post, base, dataset], f"{dataset}: backward, {post_role} → BASE")]
-    return grid(panels, 4, pair_title(profile_name, base, post), legend_below=True) if panels else None
+    rows = [[_map_panel(maps[base, post, dataset], [dataset, f"forward, BASE → {post_role}"]),
+             _map_panel(maps[post, base, dataset], [dataset, f"backward, {post_role} → BASE"], layer_axis=False)]
+            for dataset in _part(profile_name, _knowledge_datasets(profile_name, maps, ((base, post), (post, base))),
+                                 part)]
+    return _map_rows(rows, pair_title(profile_name, base, post)) if rows else None
 
 
 def _comparison_rows(profile_name: str, comparisons: tuple[str, ...]) -> pd.DataFrame:
