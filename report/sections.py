@@ -74,6 +74,22 @@ def named(profile_name: str, model: str) -> str:
     return f"{model} ({role_of(profile_name, model)})"
 
 
+def family_of(profile_name: str, model: str) -> str:
+    profile = profile_config(profile_name)
+    return next(name for name, family in profile.families.items() if model in (family.base, *family.post))
+
+
+def short_models(profile_name: str, frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """Model keys in `columns` shown by role (BASE, SFT, INSTRUCT), so that tables stay narrow; the section's
+    status line is the legend (it names each role's model). A `family` column first when the rows span more than
+    one family (a role names one model only within its family)."""
+    families = [family_of(profile_name, m) for m in frame[columns[0]]]
+    frame = frame.assign(**{c: [role_of(profile_name, m) for m in frame[c]] for c in columns})
+    if len(set(families)) > 1 and "family" not in frame.columns:
+        frame.insert(0, "family", families)
+    return frame
+
+
 def model_order(profile_name: str, models) -> list[str]:
     """The distinct `models` in the profile's order (each family's base first, then its post-trained models)."""
     rank = {model: i for i, model in enumerate(profile_config(profile_name).models())}
@@ -261,7 +277,8 @@ def knowledge_table(profile_name: str) -> blocks.Table:
            for label, metric in (("pairs", "pairs"), ("r", "corr"), ("max diff", "max_diff"),
                                  ("knowledge max diff", "max_diff_knowledge"))},
         "clean gap BASE / POST": [f"{a:.2f} / {b:.2f}" for a, b in zip(rows["clean_gap_a"], rows["clean_gap_b"])]})
-    return blocks.Table(frame, right=("pairs", "r", "max diff", "knowledge max diff", "clean gap BASE / POST"))
+    return blocks.Table(short_models(profile_name, frame, ("BASE", "POST")),
+                        right=("pairs", "r", "max diff", "knowledge max diff", "clean gap BASE / POST"))
 
 
 @needs("knowledge")
@@ -276,7 +293,7 @@ def knowledge_cross_table(profile_name: str) -> blocks.Table:
         "compared with": [f"{p}'s own map" if c == "forward" else "BASE's own map"
                           for c, p in zip(rows["comparison"], post)],
         "r": rows["corr"], "max diff": rows["max_diff"], "knowledge max diff": rows["max_diff_knowledge"]})
-    return blocks.Table(frame)
+    return blocks.Table(short_models(profile_name, frame, ("BASE", "POST")))
 
 
 # --- truthfulness ------------------------------------------------------------------------------------------
@@ -311,22 +328,24 @@ def _display_roles(column: str) -> str:
     return f"r_{match[1].upper()}→h_{match[2].upper()}" if match else column
 
 
-def _paper_layout(tables: dict[str, pd.DataFrame], index: tuple[str, ...]) -> blocks.Table:
+def _paper_layout(profile_name: str, tables: dict[str, pd.DataFrame], index: tuple[str, ...]) -> blocks.Table:
     """Per-family tables of (name, measured | paper) columns as one table of 'measured (paper)' cells, arrows in
     the column names spaced so that the headers can wrap."""
     frame = stacked({family: beside_paper(table) for family, table in tables.items()})
     frame = frame.rename(columns=lambda c: _display_roles(c).replace("→", " → "))
+    if "model" in frame.columns:
+        frame["model"] = [role_of(profile_name, m) for m in frame["model"]]
     return blocks.Table(frame, right=tuple(c for c in frame.columns if c not in ("family", *index)))
 
 
 @needs("truthfulness")
 def probe_transfer_table(profile_name: str) -> blocks.Table:
-    return _paper_layout(truthfulness.probe_transfer_tables(profile_name), ("test dataset",))
+    return _paper_layout(profile_name, truthfulness.probe_transfer_tables(profile_name), ("test dataset",))
 
 
 @needs("truthfulness")
 def intervention_table(profile_name: str) -> blocks.Table:
-    return _paper_layout(truthfulness.intervention_effect_tables(profile_name), ("test dataset",))
+    return _paper_layout(profile_name, truthfulness.intervention_effect_tables(profile_name), ("test dataset",))
 
 
 def _pca_chart(profile_name: str, points: pd.DataFrame, arrows: pd.DataFrame, *, color: str, color_title: str,
@@ -357,13 +376,10 @@ def truth_pca_chart(profile_name: str):
 @needs("refusal")
 def refusal_cosine_table(profile_name: str) -> blocks.Table:
     cosines = refusal.direction_cosines(profile_name)
-    frame = pd.DataFrame({"direction A": [named(profile_name, m) for m in cosines["model_a"]],
-                          "direction B": [named(profile_name, m) for m in cosines["model_b"]],
+    frame = pd.DataFrame({"direction A": cosines["model_a"], "direction B": cosines["model_b"],
                           "cosine": cosines["cosine"],
                           "paper (Llama-3.1-8B's shipped directions)": cosines["paper_shipped"].astype(float)})
-    if cosines["family"].nunique() > 1:
-        frame.insert(0, "family", cosines["family"])
-    return blocks.Table(frame)
+    return blocks.Table(short_models(profile_name, frame, ("direction A", "direction B")))
 
 
 @needs("refusal")
@@ -386,7 +402,7 @@ def refusal_cosine_chart(profile_name: str):
 @needs("refusal")
 def refusal_score_table(profile_name: str) -> blocks.Table:
     tables = refusal.refusal_score_tables(refusal.scores(profile_name))
-    return _paper_layout(tables, ("model", "dataset", "intervention"))
+    return _paper_layout(profile_name, tables, ("model", "dataset", "intervention"))
 
 
 @needs("refusal")
@@ -396,6 +412,7 @@ def refusal_degenerate_table(profile_name: str) -> blocks.Table:
               refusal.scores(profile_name).groupby("family", sort=False)}
     frame = stacked(tables)
     frame.columns = [_display_roles(str(c)) for c in frame.columns]
+    frame["model"] = [role_of(profile_name, m) for m in frame["model"]]
     return blocks.Table(frame)
 
 
@@ -558,15 +575,15 @@ def reliability_chart(profile_name: str):
 @needs("confidence")
 def calibration_table(profile_name: str) -> blocks.Table:
     table = by_model(profile_name, confidence.calibration_table(profile_name).reset_index())
-    table = table.assign(model=[named(profile_name, m) for m in table["model"]]).sort_values("dataset", kind="stable")
+    table = short_models(profile_name, table, ("model",)).sort_values("dataset", kind="stable")
     return blocks.Table(table.rename(columns={"mean_confidence": "mean confidence", "ece": "ECE",
                                               "mean_entropy": "mean entropy (nats)"}))
 
 
 @needs("confidence")
 def ablation_table(profile_name: str) -> blocks.Table:
-    table = by_model(profile_name, confidence.ablation_table(profile_name).reset_index())
-    table = table.assign(model=[named(profile_name, m) for m in table["model"]])
+    table = short_models(profile_name, by_model(profile_name, confidence.ablation_table(profile_name).reset_index()),
+                         ("model",))
     return blocks.Table(table.rename(columns=lambda c: c.replace("delta_", "Δ ").replace("_", " ")))
 
 
