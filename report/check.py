@@ -4,8 +4,8 @@
 
 HTML: Chromium (the distribution's package, `apt-get install chromium`) loads report.html headless, driven over
 the Chrome DevTools protocol (websocket-client); the check fails on any console error or uncaught exception,
-and unless every chart is drawn (one vega-embed <svg>/<canvas> per figure the renderer declared in
-declared.json). It keeps a screenshot, report/_output/<profile>/screenshot.png. PDF: the figure and table
+unless every chart is drawn (one vega-embed <svg>/<canvas> per figure the renderer declared in
+declared.json), and on any request to the network (the report is self-contained). It keeps a screenshot, report/_output/<profile>/screenshot.png. PDF: the figure and table
 captions ("Figure N:", "Table N:") counted against the same declaration, and the page count.
 """
 from __future__ import annotations
@@ -36,10 +36,14 @@ class CheckError(RuntimeError):
     """The report fails a check; the message says which and what was found."""
 
 
+LOCAL_SCHEMES = ("file:", "data:", "blob:", "about:")
+
+
 @dataclass
 class BrowserResult:
     charts: int
     errors: list[str]
+    remote_requests: list[str]  # URLs the page fetched from the network (a self-contained report fetches none)
     screenshot: Path
 
 
@@ -113,6 +117,11 @@ class DevTools:
                 found.append(params["entry"]["text"])
         return found
 
+    def remote_requests(self) -> list[str]:
+        """URLs requested from anywhere but the page itself (file:, data:, blob:), seen so far."""
+        urls = [e["params"]["request"]["url"] for e in self.events if e.get("method") == "Network.requestWillBeSent"]
+        return [url for url in urls if not url.startswith(LOCAL_SCHEMES)]
+
     def close(self) -> None:
         if getattr(self, "socket", None):
             self.socket.close()
@@ -125,7 +134,7 @@ def check_html(html: Path, n_figures: int, screenshot: Path, timeout: float = 30
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile_dir:
         browser = DevTools(chromium(), profile_dir)
         try:
-            for domain in ("Page", "Runtime", "Log"):
+            for domain in ("Page", "Runtime", "Log", "Network"):
                 browser.call(f"{domain}.enable")
             browser.call("Page.navigate", url=html.resolve().as_uri())
             browser.wait_for("Page.loadEventFired", timeout)
@@ -136,7 +145,7 @@ def check_html(html: Path, n_figures: int, screenshot: Path, timeout: float = 30
                 charts = browser.evaluate(f"document.querySelectorAll({json.dumps(DRAWN_CHARTS)}).length")
             image = browser.call("Page.captureScreenshot", format="png")["data"]
             screenshot.write_bytes(base64.b64decode(image))
-            return BrowserResult(charts, browser.errors(), screenshot)
+            return BrowserResult(charts, browser.errors(), browser.remote_requests(), screenshot)
         finally:
             browser.close()
 
@@ -163,10 +172,11 @@ def check(profile: str, out_dir: Path | None = None) -> list[str]:
     problems, lines = [], []
     browser = check_html(out_dir / "report.html", n_figures, out_dir / "screenshot.png")
     lines.append(f"HTML: {browser.charts} of {n_figures} declared charts drawn, {len(browser.errors)} console "
-                 f"errors; screenshot {browser.screenshot}")
+                 f"errors, {len(browser.remote_requests)} network requests; screenshot {browser.screenshot}")
     if browser.charts != n_figures:
         problems.append(f"the HTML draws {browser.charts} charts, the report declares {n_figures} figures")
     problems += [f"console error: {e}" for e in browser.errors]
+    problems += [f"not self-contained, it fetches {url}" for url in browser.remote_requests]
     pages, captions = pdf_captions(out_dir / "report.pdf")
     lines.append(f"PDF: {pages} pages, {captions['Figure']} figure and {captions['Table']} table captions "
                  f"(declared {n_figures} and {n_tables})")

@@ -264,6 +264,7 @@ def render_with_quarto(profile: str, formats=FORMATS, out_dir: Path | None = Non
     if quarto is None:
         raise FileNotFoundError("quarto is not on PATH; install it (https://quarto.org) or use render()")
     out_dir = Path(out_dir) if out_dir else OUTPUT_DIR / profile
+    (out_dir / DECLARED).unlink(missing_ok=True)  # only the fallback renderer knows what it shows (report.check)
     to = ",".join("typst" if fmt == "pdf" else fmt for fmt in formats)
     env = {**os.environ, "PTR_PROFILE": profile, "QUARTO_PYTHON": sys.executable}
     subprocess.run([quarto, "render", str(REPORT_DIR), "--to", to, "--output-dir", str(out_dir.resolve())],
