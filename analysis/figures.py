@@ -157,17 +157,18 @@ def pca_plane(points: pd.DataFrame, arrows: pd.DataFrame, *, color: str, color_t
         x=x, y=y, color=alt.Color(f"{color}:N", title=color_title, scale=alt.Scale(scheme="set1")),
         tooltip=[alt.Tooltip(f"{color}:N", title=color_title), alt.Tooltip("pc1:Q", format=".3g"),
                  alt.Tooltip("pc2:Q", format=".3g")])
-    arrow_color = alt.Color("label:N", scale=alt.Scale(scheme="dark2", domain=labels or sorted(set(tips["label"]))),
-                            legend=None)
+    # Arrows coloured through stroke and fill, not color: the points' colour scale (and legend) stays the only one,
+    # shared by every panel of a grid.
+    arrow_scale = alt.Scale(scheme="dark2", domain=labels or sorted(set(tips["label"])))
     arrows_base = alt.Chart(tips)
-    shafts = arrows_base.mark_rule(strokeWidth=2.5).encode(x="x0:Q", y="y0:Q", x2="pc1", y2="pc2", color=arrow_color)
+    shafts = arrows_base.mark_rule(strokeWidth=2.5).encode(
+        x="x0:Q", y="y0:Q", x2="pc1", y2="pc2", stroke=alt.Stroke("label:N", scale=arrow_scale, legend=None))
     heads = arrows_base.mark_point(shape="triangle", filled=True, size=90, opacity=1).encode(
-        x="pc1:Q", y="pc2:Q", angle=alt.Angle("angle:Q", scale=None), color=arrow_color,
-        tooltip=[alt.Tooltip("label:N", title="direction of")])
+        x="pc1:Q", y="pc2:Q", angle=alt.Angle("angle:Q", scale=None),
+        fill=alt.Fill("label:N", scale=arrow_scale, legend=None), tooltip=[alt.Tooltip("label:N", title="direction of")])
     labels = arrows_base.mark_text(fontSize=10, fontWeight="bold", dy=-9).encode(
-        x="pc1:Q", y="pc2:Q", text="label:N", color=arrow_color)
-    return alt.layer(dots, shafts, heads, labels).resolve_scale(color="independent").properties(
-        title=title, width=size, height=size)
+        x="pc1:Q", y="pc2:Q", text="label:N", fill=alt.Fill("label:N", scale=arrow_scale, legend=None))
+    return alt.layer(dots, shafts, heads, labels).properties(title=title, width=size, height=size)
 
 
 def layer_heatmap(frame: pd.DataFrame, *, y: str, title: str, value: str = "cosine",

@@ -359,7 +359,7 @@ def _pca_chart(profile_name: str, points: pd.DataFrame, arrows: pd.DataFrame, *,
         explained = (tips["explained_pc1"].iloc[0], tips["explained_pc2"].iloc[0])
         panels.append(pca_plane(own, tips, color=color, color_title=color_title, explained=explained,
                                 labels=list(ROLE.values()), title=f"{what} of {named(profile_name, model)}"))
-    return grid(panels, 2, f"Profile {profile_name}")
+    return grid(panels, 2, f"Profile {profile_name}", legend_below=True)
 
 
 @needs("truthfulness")
