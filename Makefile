@@ -7,7 +7,7 @@ PTR     := $(BIN)/ptr
 # CI and offline machines point this at a directory of byte-exact raw files (see data_prep/sources.yaml).
 export PTR_DATA_MIRROR ?= $(wildcard ../shared/data/raw)
 
-.PHONY: setup test data posttrain replicate report audit bench clean
+.PHONY: setup test data posttrain replicate report check-report audit bench clean
 
 setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -33,6 +33,11 @@ replicate: setup
 
 report: setup
 	$(PTR) report --profile $(PROFILE)
+
+# The rendered report (fallback renderer) in headless Chromium (the distribution's chromium package) and its PDF:
+# no console errors, every declared chart drawn and every figure and table captioned; a screenshot is kept.
+check-report: setup
+	$(BIN)/python -m report.check --profile $(PROFILE)
 
 audit: setup
 	$(PTR) audit --profile $(PROFILE)

@@ -11,7 +11,11 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-DIVERGING = "redblue"  # low red, high blue: the colour bar of the paper's maps (-1 .. 1)
+# The paper's colour bar (the original's patching_visualize.py draw_figure): -1 blue, 0 near-white, +1 red, so red is
+# where patching restores TRUE. Used for every map on -1 .. 1 (knowledge maps, their differences, cosines).
+DIVERGING_DOMAIN = [-1.0, 0.0, 1.0]
+DIVERGING_RANGE = ["rgb(0, 0, 255)", "rgb(245, 245, 245)", "rgb(255, 0, 0)"]
+LABEL_FONT = 10  # axis labels of the heatmaps: legible at 100% zoom after the figure is scaled to the page
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]<>#+\-!~^$@|])")
 UNPRINTABLE = re.compile(r"[^\S ]|[\x00-\x1f\x7f-\x9f]")  # whitespace other than a space, control characters
 
@@ -82,35 +86,44 @@ def runs(flags) -> list[tuple[int, int]]:
     return result
 
 
-def token_heatmap(values: np.ndarray, columns: list[str], outlined, *, title: str, domain=(-1.0, 1.0),
-                  legend_title: str = "value", cell_width: float = 9.5,
-                  cell_height: float | None = None) -> alt.LayerChart:
-    """A [layers x token columns] map (layer 0 at the bottom, tokens in order along x), the runs of `outlined`
-    columns framed in black (the knowledge positions of the paper's Figure 1a)."""
+def diverging_scale() -> alt.Scale:
+    """The paper's colour scale on -1 .. 1 (blue, near-white, red)."""
+    return alt.Scale(domain=DIVERGING_DOMAIN, range=DIVERGING_RANGE, interpolate="rgb", clamp=True)
+
+
+def token_heatmap(values: np.ndarray, columns: list[str], outlined, *, title, legend_title: str = "value",
+                  cell_width: float = 12.0, cell_height: float | None = None,
+                  layer_axis: bool = True) -> alt.LayerChart:
+    """A [layers x token columns] map as the paper draws it (layer 0 at the top, tokens in order along x, labelled
+    by role; the paper's colour scale on -1 .. 1), the runs of `outlined` columns framed in black (the knowledge
+    positions of the paper's Figure 1a). `layer_axis=False` leaves out the layer title and labels (for a panel
+    right of another with the same layers)."""
     n_layers, n_columns = values.shape
-    cell_height = cell_height or max(2.5, min(12.0, 110 / n_layers))
+    cell_height = cell_height or max(3.0, min(8.0, 150 / n_layers))
     layer, column = np.meshgrid(np.arange(n_layers), np.arange(n_columns), indexing="ij")
     cells = pd.DataFrame({"layer": layer.ravel(), "column": column.ravel(), "value": values.ravel()})
     cells["token"] = [columns[c] for c in cells["column"]]
     for axis, field in (("x", "column"), ("y", "layer")):
         cells[f"{axis}0"], cells[f"{axis}1"] = cells[field] - 0.5, cells[field] + 0.5
     x_scale = alt.Scale(domain=[-0.5, n_columns - 0.5], nice=False, zero=False)
-    y_scale = alt.Scale(domain=[-0.5, n_layers - 0.5], nice=False, zero=False)
+    y_scale = alt.Scale(domain=[-0.5, n_layers - 0.5], nice=False, zero=False, reverse=True)
     x_axis = alt.Axis(values=list(range(n_columns)), labelExpr=f"{json.dumps(columns)}[datum.value]",
-                      labelAngle=-90, labelFontSize=8, labelOverlap=False, labelFlush=False, labelPadding=2,
+                      labelAngle=-90, labelFontSize=LABEL_FONT, labelOverlap=False, labelFlush=False, labelPadding=2,
                       grid=False, ticks=False, title=None)
-    y_axis = alt.Axis(tickMinStep=1, format="d", grid=False, title="layer")
+    y_axis = alt.Axis(tickMinStep=1, format="d", grid=False, title="layer" if layer_axis else None,
+                      labels=layer_axis, ticks=layer_axis, labelFontSize=LABEL_FONT)
     position = {"x": alt.X("x0:Q", scale=x_scale, axis=x_axis), "x2": "x1",
                 "y": alt.Y("y0:Q", scale=y_scale, axis=y_axis), "y2": "y1"}  # the same in both layers
     base = alt.Chart(cells).mark_rect().encode(
         **position,
-        color=alt.Color("value:Q", scale=alt.Scale(scheme=DIVERGING, domain=list(domain)), title=legend_title),
+        color=alt.Color("value:Q", scale=diverging_scale(), title=legend_title),
         tooltip=["layer:Q", "token:N", alt.Tooltip("value:Q", format=".2f")])
     frames = pd.DataFrame([{"x0": a - 0.5, "x1": b + 0.5, "y0": -0.5, "y1": n_layers - 0.5}
                            for a, b in runs(outlined)], columns=["x0", "x1", "y0", "y1"])
     outline = alt.Chart(frames).mark_rect(fill=None, stroke="black", strokeWidth=1.5).encode(**position)
     return alt.layer(base, outline).properties(
-        title=title, width=max(cell_width * n_columns, 110), height=cell_height * n_layers)
+        title=alt.TitleParams(title, fontSize=11), width=max(cell_width * n_columns, 110),
+        height=cell_height * n_layers)
 
 
 def pca_arrows(unit, family: str, coordinates: str, explained: str) -> list[dict]:
@@ -128,7 +141,7 @@ def pca_arrows(unit, family: str, coordinates: str, explained: str) -> list[dict
 
 
 def pca_plane(points: pd.DataFrame, arrows: pd.DataFrame, *, color: str, color_title: str, title: str,
-              explained: tuple[float, float], labels: list[str] | None = None, size: int = 210) -> alt.LayerChart:
+              explained: tuple[float, float], labels: list[str] | None = None, size: int = 200) -> alt.LayerChart:
     """Points (pc1, pc2, `color`) in a model's PCA plane with arrows from the origin for directions (pc1, pc2,
     label), each labelled at its tip and coloured by its place in `labels` (the same colour in every panel): all
     arrows scaled by one factor so the longest reaches 90% of the farthest point; equal axes, so an arrow's angle
@@ -141,29 +154,34 @@ def pca_plane(points: pd.DataFrame, arrows: pd.DataFrame, *, color: str, color_t
     x = alt.X("pc1:Q", scale=scale, title=f"PC1 ({explained[0]:.0%} of variance)")
     y = alt.Y("pc2:Q", scale=scale, title=f"PC2 ({explained[1]:.0%} of variance)")
     dots = alt.Chart(points).mark_circle(size=18, opacity=0.6).encode(
-        x=x, y=y, color=alt.Color(f"{color}:N", title=color_title, scale=alt.Scale(scheme="set1")))
-    arrow_color = alt.Color("label:N", scale=alt.Scale(scheme="dark2", domain=labels or sorted(set(tips["label"]))),
-                            legend=None)
+        x=x, y=y, color=alt.Color(f"{color}:N", title=color_title, scale=alt.Scale(scheme="set1")),
+        tooltip=[alt.Tooltip(f"{color}:N", title=color_title), alt.Tooltip("pc1:Q", format=".3g"),
+                 alt.Tooltip("pc2:Q", format=".3g")])
+    # Arrows coloured through stroke and fill, not color: the points' colour scale (and legend) stays the only one,
+    # shared by every panel of a grid.
+    arrow_scale = alt.Scale(scheme="dark2", domain=labels or sorted(set(tips["label"])))
     arrows_base = alt.Chart(tips)
-    shafts = arrows_base.mark_rule(strokeWidth=2.5).encode(x="x0:Q", y="y0:Q", x2="pc1", y2="pc2", color=arrow_color)
+    shafts = arrows_base.mark_rule(strokeWidth=2.5).encode(
+        x="x0:Q", y="y0:Q", x2="pc1", y2="pc2", stroke=alt.Stroke("label:N", scale=arrow_scale, legend=None))
     heads = arrows_base.mark_point(shape="triangle", filled=True, size=90, opacity=1).encode(
-        x="pc1:Q", y="pc2:Q", angle=alt.Angle("angle:Q", scale=None), color=arrow_color, tooltip=["label:N"])
+        x="pc1:Q", y="pc2:Q", angle=alt.Angle("angle:Q", scale=None),
+        fill=alt.Fill("label:N", scale=arrow_scale, legend=None), tooltip=[alt.Tooltip("label:N", title="direction of")])
     labels = arrows_base.mark_text(fontSize=10, fontWeight="bold", dy=-9).encode(
-        x="pc1:Q", y="pc2:Q", text="label:N", color=arrow_color)
-    return alt.layer(dots, shafts, heads, labels).resolve_scale(color="independent").properties(
-        title=title, width=size, height=size)
+        x="pc1:Q", y="pc2:Q", text="label:N", fill=alt.Fill("label:N", scale=arrow_scale, legend=None))
+    return alt.layer(dots, shafts, heads, labels).properties(title=title, width=size, height=size)
 
 
-def layer_heatmap(frame: pd.DataFrame, *, y: str, title: str, value: str = "cosine", domain=(-1.0, 1.0),
+def layer_heatmap(frame: pd.DataFrame, *, y: str, title: str, value: str = "cosine",
                   cell: float = 14, max_width: float = 300) -> alt.Chart:
-    """`value` by layer (x) and `y` rows, values written in the cells when they fit."""
+    """`value` (-1 .. 1, the paper's colour scale) by layer (x) and `y` rows, values written in the cells when
+    they fit."""
     n_layers = frame["layer"].nunique()
     width = max(120.0, min(cell * n_layers, max_width))
     base = alt.Chart(frame).encode(
-        x=alt.X("layer:O", title="layer", axis=alt.Axis(labelAngle=0, labelOverlap=True)),
-        y=alt.Y(f"{y}:N", title=None, sort=None))
+        x=alt.X("layer:O", title="layer", axis=alt.Axis(labelAngle=0, labelOverlap=True, labelFontSize=LABEL_FONT)),
+        y=alt.Y(f"{y}:N", title=None, sort=None, axis=alt.Axis(labelFontSize=LABEL_FONT)))
     heat = base.mark_rect().encode(
-        color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme=DIVERGING, domain=list(domain)), title=value),
+        color=alt.Color(f"{value}:Q", scale=diverging_scale(), title=value),
         tooltip=[f"{y}:N", "layer:O", alt.Tooltip(f"{value}:Q", format=".3f")])
     layers = [heat]
     if width / n_layers >= 28:

@@ -13,16 +13,19 @@ the target model's own map: BASE->POST vs POST ("forward"), POST->BASE vs BASE (
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import xarray as xr
+import yaml
 from scipy.stats import pearsonr
 
-from analysis.audit import load_published
+from analysis.audit import PUBLISHED_FILE, load_published
 from data_prep.paths import results_dir
+from data_prep.sources import fetch
 from replication.config import load_profile
 from replication.cubes import open_cube
 
@@ -126,6 +129,20 @@ def figure1a_numbers(base: Map, post: Map) -> dict[str, float]:
     object_ = [bool(OBJECT.fullmatch(c)) for c in base.columns]
     return {"subject_max_diff": quantum(diff[:, subject].max()), "object_max_diff": quantum(diff[:, object_].max()),
             "last_token_max_diff": quantum(diff[:, -1].max())}
+
+
+def paper_map() -> tuple[Map, dict]:
+    """The authors' shipped cities map (published_numbers.yaml `knowledge_causal_tracing.shipped_map`: the raw
+    file, its record, model and token columns) as a Map, and that entry (model, dataset, source) for its labels."""
+    entry = yaml.safe_load(PUBLISHED_FILE.read_text())[PUBLISHED]["shipped_map"]
+    records = json.loads(fetch(entry["source"]).read_text())[entry["record"]]
+    effects = original_effects(records)
+    columns = list(entry["columns"])
+    if effects.shape[2] != len(columns):
+        raise ValueError(f"analysis/published_numbers.yaml {PUBLISHED}.shipped_map: {len(columns)} columns for a "
+                         f"map of {effects.shape[2]} tokens; list one column label per token")
+    is_knowledge = np.array([bool(SUBJECT.fullmatch(c) or OBJECT.fullmatch(c)) for c in columns])
+    return Map(mean_map(effects), columns, is_knowledge, effects.shape[0]), entry
 
 
 def unit_maps(profile_name: str) -> dict[tuple[str, str, str], Map]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 import vl_convert as vlc
+import yaml
 import zarr
 from IPython.display import Markdown
 
@@ -135,9 +136,29 @@ def audit_table(profile_name: str) -> pd.DataFrame:
     return audit.audit(profile_name, numbers)
 
 
-def random_weights_note(profile_name: str) -> Markdown:
-    """One line at the top of the report of a random-weight profile (paper-shape): its numbers mean nothing."""
-    return Markdown(f"> **{audit.note(profile_name)}**" if audit.random_weights(profile_name) else "")
+PROFILE_NOTES = Path(__file__).with_name("profile_notes.yaml")
+NOTE_KEYS = {"title", "can", "cannot"}
+
+
+def profile_notes() -> dict[str, dict[str, str]]:
+    """report/profile_notes.yaml, validated: profile name -> {title, can, cannot}."""
+    notes = yaml.safe_load(PROFILE_NOTES.read_text()) or {}
+    for name, note in notes.items():
+        if not isinstance(note, dict) or set(note) != NOTE_KEYS:
+            found = sorted(note) if isinstance(note, dict) else type(note).__name__
+            raise ValueError(f"{PROFILE_NOTES}: profile {name!r} has {found}; give exactly {sorted(NOTE_KEYS)}")
+    return notes
+
+
+def profile_note(profile_name: str) -> Markdown:
+    """The box at the top of the report: what the profile's models can and cannot show (report/profile_notes.yaml;
+    a profile without an entry, e.g. a user's own file, gets its configuration's description)."""
+    note = profile_notes().get(profile_name)
+    if note is None:
+        note = {"title": f"Profile {profile_name}", "can": load_profile(profile_name).description or "—",
+                "cannot": "not described in report/profile_notes.yaml."}
+    return Markdown(f"::: {{.profile-note}}\n**{note['title']}.** **Can show:** {note['can']} "
+                    f"**Cannot show:** {note['cannot']}\n:::")
 
 
 def audit_note(profile_name: str, table: pd.DataFrame) -> Markdown:

@@ -14,6 +14,7 @@ never shown). `@fig-...`/`@tbl-...` in the text become numbered links, as in Qua
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -44,7 +45,8 @@ KINDS = {"fig": "Figure", "tbl": "Table"}
 CROSS_REF = re.compile(r"(?<![\w@])@((?:fig|tbl)-[\w-]*\w)")
 CSS = REPORT_DIR / "fallback.css"
 TYPST_HEADER = REPORT_DIR / "typst-header.typ"
-PANDOC_ARGS = ["--standalone", "--toc", "--metadata=toc-title:Contents"]
+FILTER = REPORT_DIR / "filters.lua"  # collapsed appendix tables in HTML, the profile box in typst (Quarto runs it too)
+PANDOC_ARGS = ["--standalone", "--toc", "--metadata=toc-title:Contents", f"--lua-filter={FILTER}"]
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,17 @@ def to_pandoc_markdown(notebook: nbformat.NotebookNode, front: dict, fmt: str, a
     return "\n\n".join([header] + [b for b in body if b.strip()]) + "\n"
 
 
+DECLARED = "declared.json"  # beside the rendered report: the figures and tables it shows (report.check reads it)
+
+
+def declare(numbers: dict[str, str], out_dir: Path) -> Path:
+    """Write the labels of the figures and tables the report shows, in order, for the browser and PDF checks."""
+    declared = {kind: [label for label in numbers if label.startswith(f"{kind}-")] for kind in KINDS}
+    path = out_dir / DECLARED
+    path.write_text(json.dumps({"figures": declared["fig"], "tables": declared["tbl"]}, indent=1) + "\n")
+    return path
+
+
 def render(profile: str, formats=FORMATS, out_dir: Path | None = None) -> dict[str, Path]:
     """Render with the fallback renderer; returns {format: path} of report.html / report.pdf."""
     unknown = set(formats) - set(FORMATS)
@@ -223,6 +236,7 @@ def render(profile: str, formats=FORMATS, out_dir: Path | None = None) -> dict[s
     out_dir.mkdir(parents=True, exist_ok=True)
     front, blocks = parse_qmd(DOCUMENT.read_text(), DOCUMENT.name)
     notebook = execute(to_notebook(blocks), profile)
+    declare(numbering(notebook), out_dir)
     outputs = {}
     for fmt in formats:
         with tempfile.TemporaryDirectory() as build:
@@ -250,6 +264,7 @@ def render_with_quarto(profile: str, formats=FORMATS, out_dir: Path | None = Non
     if quarto is None:
         raise FileNotFoundError("quarto is not on PATH; install it (https://quarto.org) or use render()")
     out_dir = Path(out_dir) if out_dir else OUTPUT_DIR / profile
+    (out_dir / DECLARED).unlink(missing_ok=True)  # only the fallback renderer knows what it shows (report.check)
     to = ",".join("typst" if fmt == "pdf" else fmt for fmt in formats)
     env = {**os.environ, "PTR_PROFILE": profile, "QUARTO_PYTHON": sys.executable}
     subprocess.run([quarto, "render", str(REPORT_DIR), "--to", to, "--output-dir", str(out_dir.resolve())],

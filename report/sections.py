@@ -74,6 +74,22 @@ def named(profile_name: str, model: str) -> str:
     return f"{model} ({role_of(profile_name, model)})"
 
 
+def family_of(profile_name: str, model: str) -> str:
+    profile = profile_config(profile_name)
+    return next(name for name, family in profile.families.items() if model in (family.base, *family.post))
+
+
+def short_models(profile_name: str, frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """Model keys in `columns` shown by role (BASE, SFT, INSTRUCT), so that tables stay narrow; the section's
+    status line is the legend (it names each role's model). A `family` column first when the rows span more than
+    one family (a role names one model only within its family)."""
+    families = [family_of(profile_name, m) for m in frame[columns[0]]]
+    frame = frame.assign(**{c: [role_of(profile_name, m) for m in frame[c]] for c in columns})
+    if len(set(families)) > 1 and "family" not in frame.columns:
+        frame.insert(0, "family", families)
+    return frame
+
+
 def model_order(profile_name: str, models) -> list[str]:
     """The distinct `models` in the profile's order (each family's base first, then its post-trained models)."""
     rank = {model: i for i, model in enumerate(profile_config(profile_name).models())}
@@ -162,9 +178,29 @@ def _knowledge_datasets(profile_name: str, maps: dict, models: tuple[tuple[str, 
             if all((s, t, d) in maps for s, t in models)]
 
 
-def _map_panel(a: knowledge.Map, title: str, values: np.ndarray | None = None):
+ROWS_PER_FIGURE = 3  # datasets per knowledge figure: three rows of 32-layer maps fit an A4 page with the caption
+KNOWLEDGE_PARTS = 3  # knowledge figures per kind in index.qmd (fig-knowledge-maps, -maps-2, -maps-3): 9 datasets
+
+
+def _map_panel(a: knowledge.Map, title, values: np.ndarray | None = None, layer_axis: bool = True):
     return token_heatmap(knowledge.normalize(a.values) if values is None else values, a.columns, a.knowledge,
-                         title=title, legend_title="normalised effect")
+                         title=title, legend_title="normalised effect", layer_axis=layer_axis)
+
+
+def _map_rows(rows: list[list], title: str):
+    """Rows of map panels (one dataset a row) under one title, sharing one colour legend below them."""
+    return alt.vconcat(*[alt.hconcat(*row, spacing=8) for row in rows], spacing=14).properties(
+        title=title).configure_legend(orient="bottom", direction="horizontal", gradientLength=220,
+                                      titleFontSize=11, labelFontSize=10)
+
+
+def _part(profile_name: str, datasets: list[str], part: int) -> list[str]:
+    """The datasets of figure `part` (1, 2, ...); a dataset beyond the document's last part is an error."""
+    if len(datasets) > ROWS_PER_FIGURE * KNOWLEDGE_PARTS:
+        raise ValueError(f"profile {profile_name} has {len(datasets)} knowledge datasets; the report shows at most "
+                         f"{ROWS_PER_FIGURE * KNOWLEDGE_PARTS} (add chunks to report/index.qmd and raise "
+                         "sections.KNOWLEDGE_PARTS)")
+    return datasets[(part - 1) * ROWS_PER_FIGURE:part * ROWS_PER_FIGURE]
 
 
 def _unit_maps(profile_name: str) -> dict:
@@ -178,33 +214,52 @@ def _cached_maps(profile_name: str, _path) -> dict:
 
 
 @needs("knowledge")
-def knowledge_maps(profile_name: str):
-    """Per dataset: BASE's and POST's normalised maps and BASE - POST (the reference pair)."""
+def knowledge_maps(profile_name: str, part: int = 1):
+    """One row per dataset (`part` of them, ROWS_PER_FIGURE a figure): BASE's and POST's normalised maps and
+    BASE − POST (the reference pair)."""
     maps = _unit_maps(profile_name)
     base, post = knowledge.reference_pair(profile_name)
-    panels = []
-    for dataset in _knowledge_datasets(profile_name, maps, ((base, base), (post, post))):
+    post_role = role_of(profile_name, post)
+    rows = []
+    for dataset in _part(profile_name, _knowledge_datasets(profile_name, maps, ((base, base), (post, post))), part):
         a, b = maps[base, base, dataset], maps[post, post, dataset]
         n = min(len(a.columns), len(b.columns))
         a, b = a.last(n), b.last(n)
         difference = knowledge.normalize(a.values) - knowledge.normalize(b.values)
-        panels += [_map_panel(a, f"{dataset}: BASE"), _map_panel(b, f"{dataset}: {role_of(profile_name, post)}"),
-                   _map_panel(a, f"{dataset}: BASE − {role_of(profile_name, post)}", difference)]
-    # Two datasets a row: the figure is as wide as the page and short enough to stay on one with its caption.
-    return grid(panels, 6, pair_title(profile_name, base, post), legend_below=True) if panels else None
+        rows.append([_map_panel(a, [dataset, f"BASE {base}"]),
+                     _map_panel(b, [dataset, f"{post_role} {post}"], layer_axis=False),
+                     _map_panel(a, [dataset, f"BASE − {post_role}"], difference, layer_axis=False)])
+    return _map_rows(rows, pair_title(profile_name, base, post)) if rows else None
 
 
 @needs("knowledge")
-def knowledge_cross_maps(profile_name: str):
-    """Per dataset: cross-model maps forward (BASE's states patched into POST) and backward (the reverse)."""
+def knowledge_paper_maps(profile_name: str):
+    """The profile's cities maps (BASE, POST of the reference pair) beside the paper's: the authors' shipped
+    Llama-3.1-8B-Instruct map (analysis.knowledge.paper_map), all normalised alike."""
+    maps = _unit_maps(profile_name)
+    base, post = knowledge.reference_pair(profile_name)
+    paper, entry = knowledge.paper_map()
+    dataset = entry["dataset"]
+    panels = [_map_panel(maps[model, model, dataset], [f"this profile: {dataset}", f"{role_of(profile_name, model)} "
+                                                       f"{model}"], layer_axis=i == 0)
+              for i, model in enumerate((base, post)) if (model, model, dataset) in maps]
+    if not panels:
+        return None
+    panels.append(_map_panel(paper, [f"paper: {dataset}", f"{entry['model']} (authors' {entry['source'].split('/')[-1]})"]))
+    return _map_rows([panels], f"Profile {profile_name} beside the paper's own map ({dataset})")
+
+
+@needs("knowledge")
+def knowledge_cross_maps(profile_name: str, part: int = 1):
+    """One row per dataset: cross-model maps forward (BASE's states patched into POST) and backward (the reverse)."""
     maps = _unit_maps(profile_name)
     base, post = knowledge.reference_pair(profile_name)
     post_role = role_of(profile_name, post)
-    panels = []
-    for dataset in _knowledge_datasets(profile_name, maps, ((base, post), (post, base))):
-        panels += [_map_panel(maps[base, post, dataset], f"{dataset}: forward, BASE → {post_role}"),
-                   _map_panel(maps[post, base, dataset], f"{dataset}: backward, {post_role} → BASE")]
-    return grid(panels, 4, pair_title(profile_name, base, post), legend_below=True) if panels else None
+    rows = [[_map_panel(maps[base, post, dataset], [dataset, f"forward, BASE → {post_role}"]),
+             _map_panel(maps[post, base, dataset], [dataset, f"backward, {post_role} → BASE"], layer_axis=False)]
+            for dataset in _part(profile_name, _knowledge_datasets(profile_name, maps, ((base, post), (post, base))),
+                                 part)]
+    return _map_rows(rows, pair_title(profile_name, base, post)) if rows else None
 
 
 def _comparison_rows(profile_name: str, comparisons: tuple[str, ...]) -> pd.DataFrame:
@@ -222,7 +277,8 @@ def knowledge_table(profile_name: str) -> blocks.Table:
            for label, metric in (("pairs", "pairs"), ("r", "corr"), ("max diff", "max_diff"),
                                  ("knowledge max diff", "max_diff_knowledge"))},
         "clean gap BASE / POST": [f"{a:.2f} / {b:.2f}" for a, b in zip(rows["clean_gap_a"], rows["clean_gap_b"])]})
-    return blocks.Table(frame, right=("pairs", "r", "max diff", "knowledge max diff", "clean gap BASE / POST"))
+    return blocks.Table(short_models(profile_name, frame, ("BASE", "POST")),
+                        right=("pairs", "r", "max diff", "knowledge max diff", "clean gap BASE / POST"))
 
 
 @needs("knowledge")
@@ -237,7 +293,7 @@ def knowledge_cross_table(profile_name: str) -> blocks.Table:
         "compared with": [f"{p}'s own map" if c == "forward" else "BASE's own map"
                           for c, p in zip(rows["comparison"], post)],
         "r": rows["corr"], "max diff": rows["max_diff"], "knowledge max diff": rows["max_diff_knowledge"]})
-    return blocks.Table(frame)
+    return blocks.Table(short_models(profile_name, frame, ("BASE", "POST")))
 
 
 # --- truthfulness ------------------------------------------------------------------------------------------
@@ -272,22 +328,24 @@ def _display_roles(column: str) -> str:
     return f"r_{match[1].upper()}→h_{match[2].upper()}" if match else column
 
 
-def _paper_layout(tables: dict[str, pd.DataFrame], index: tuple[str, ...]) -> blocks.Table:
+def _paper_layout(profile_name: str, tables: dict[str, pd.DataFrame], index: tuple[str, ...]) -> blocks.Table:
     """Per-family tables of (name, measured | paper) columns as one table of 'measured (paper)' cells, arrows in
     the column names spaced so that the headers can wrap."""
     frame = stacked({family: beside_paper(table) for family, table in tables.items()})
     frame = frame.rename(columns=lambda c: _display_roles(c).replace("→", " → "))
+    if "model" in frame.columns:
+        frame["model"] = [role_of(profile_name, m) for m in frame["model"]]
     return blocks.Table(frame, right=tuple(c for c in frame.columns if c not in ("family", *index)))
 
 
 @needs("truthfulness")
 def probe_transfer_table(profile_name: str) -> blocks.Table:
-    return _paper_layout(truthfulness.probe_transfer_tables(profile_name), ("test dataset",))
+    return _paper_layout(profile_name, truthfulness.probe_transfer_tables(profile_name), ("test dataset",))
 
 
 @needs("truthfulness")
 def intervention_table(profile_name: str) -> blocks.Table:
-    return _paper_layout(truthfulness.intervention_effect_tables(profile_name), ("test dataset",))
+    return _paper_layout(profile_name, truthfulness.intervention_effect_tables(profile_name), ("test dataset",))
 
 
 def _pca_chart(profile_name: str, points: pd.DataFrame, arrows: pd.DataFrame, *, color: str, color_title: str,
@@ -301,7 +359,7 @@ def _pca_chart(profile_name: str, points: pd.DataFrame, arrows: pd.DataFrame, *,
         explained = (tips["explained_pc1"].iloc[0], tips["explained_pc2"].iloc[0])
         panels.append(pca_plane(own, tips, color=color, color_title=color_title, explained=explained,
                                 labels=list(ROLE.values()), title=f"{what} of {named(profile_name, model)}"))
-    return grid(panels, 2, f"Profile {profile_name}")
+    return grid(panels, 2, f"Profile {profile_name}", legend_below=True)
 
 
 @needs("truthfulness")
@@ -318,13 +376,10 @@ def truth_pca_chart(profile_name: str):
 @needs("refusal")
 def refusal_cosine_table(profile_name: str) -> blocks.Table:
     cosines = refusal.direction_cosines(profile_name)
-    frame = pd.DataFrame({"direction A": [named(profile_name, m) for m in cosines["model_a"]],
-                          "direction B": [named(profile_name, m) for m in cosines["model_b"]],
+    frame = pd.DataFrame({"direction A": cosines["model_a"], "direction B": cosines["model_b"],
                           "cosine": cosines["cosine"],
                           "paper (Llama-3.1-8B's shipped directions)": cosines["paper_shipped"].astype(float)})
-    if cosines["family"].nunique() > 1:
-        frame.insert(0, "family", cosines["family"])
-    return blocks.Table(frame)
+    return blocks.Table(short_models(profile_name, frame, ("direction A", "direction B")))
 
 
 @needs("refusal")
@@ -347,7 +402,7 @@ def refusal_cosine_chart(profile_name: str):
 @needs("refusal")
 def refusal_score_table(profile_name: str) -> blocks.Table:
     tables = refusal.refusal_score_tables(refusal.scores(profile_name))
-    return _paper_layout(tables, ("model", "dataset", "intervention"))
+    return _paper_layout(profile_name, tables, ("model", "dataset", "intervention"))
 
 
 @needs("refusal")
@@ -357,6 +412,7 @@ def refusal_degenerate_table(profile_name: str) -> blocks.Table:
               refusal.scores(profile_name).groupby("family", sort=False)}
     frame = stacked(tables)
     frame.columns = [_display_roles(str(c)) for c in frame.columns]
+    frame["model"] = [role_of(profile_name, m) for m in frame["model"]]
     return blocks.Table(frame)
 
 
@@ -519,15 +575,15 @@ def reliability_chart(profile_name: str):
 @needs("confidence")
 def calibration_table(profile_name: str) -> blocks.Table:
     table = by_model(profile_name, confidence.calibration_table(profile_name).reset_index())
-    table = table.assign(model=[named(profile_name, m) for m in table["model"]]).sort_values("dataset", kind="stable")
+    table = short_models(profile_name, table, ("model",)).sort_values("dataset", kind="stable")
     return blocks.Table(table.rename(columns={"mean_confidence": "mean confidence", "ece": "ECE",
                                               "mean_entropy": "mean entropy (nats)"}))
 
 
 @needs("confidence")
 def ablation_table(profile_name: str) -> blocks.Table:
-    table = by_model(profile_name, confidence.ablation_table(profile_name).reset_index())
-    table = table.assign(model=[named(profile_name, m) for m in table["model"]])
+    table = short_models(profile_name, by_model(profile_name, confidence.ablation_table(profile_name).reset_index()),
+                         ("model",))
     return blocks.Table(table.rename(columns=lambda c: c.replace("delta_", "Δ ").replace("_", " ")))
 
 

@@ -226,3 +226,17 @@ def test_analysis_tables_and_audit_keys(cube, tiny_profile, monkeypatch):
     audited = audit(tiny_profile.name, numbers)  # every key is one the audit knows
     assert audited.loc[audited["key"] == "qualitative.knowledge.min_map_corr", "status"].item() in (
         "holds", "does not hold")
+
+
+def test_paper_map_is_the_authors_shipped_cities_map(mirror, monkeypatch, tmp_path):
+    """analysis.knowledge.paper_map reads the shipped file through data_prep's reader and labels its columns: the
+    same normalised map and token roles as the independent transcription in tests/data."""
+    monkeypatch.setenv("PTR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("PTR_DATA_MIRROR", str(mirror))
+    paper, entry = analysis.paper_map()
+    header = (DATA / "knowledge_shipped_normalized_map.csv").read_text().splitlines()
+    columns = next(line for line in header if not line.startswith("#")).split(",")[1:]
+    assert paper.columns == columns and paper.n_pairs == 238
+    assert np.allclose(analysis.normalize(paper.values), printed_map("knowledge_shipped_normalized_map.csv"), atol=1e-9)
+    assert [c for c, k in zip(paper.columns, paper.knowledge) if k] == ["[s1]", "[s2]", "[s3]", "[o1]"]
+    assert (entry["model"], entry["dataset"]) == ("llama-3.1-8b-instruct", "cities")

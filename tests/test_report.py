@@ -273,3 +273,54 @@ def test_pca_plane_scales_arrows_together_to_the_points():
     tips = chart["datasets"][chart["layer"][1]["data"]["name"]]
     assert [(t["pc1"], t["pc2"]) for t in tips] == [(pytest.approx(1.8), 0.0), (0.0, pytest.approx(0.9))]
     assert chart["layer"][0]["encoding"]["x"]["title"] == "PC1 (50% of variance)"
+
+
+def test_token_heatmap_draws_the_papers_colours_with_layer_0_on_top():
+    """The original's colour bar (patching_visualize.py draw_figure): -1 blue, 0 near-white, +1 red, linear between;
+    layer 0 in the top row, as px.imshow(origin='upper') draws it."""
+    import vl_convert as vlc
+
+    from analysis.figures import token_heatmap
+
+    chart = token_heatmap(np.array([[-1.0, 0.0, 1.0], [0.5, 0.5, 0.5]]), ["a", "b", "c"], [False] * 3, title="t")
+    svg = vlc.vegalite_to_svg(chart.to_dict())
+    cells = re.findall(r'<path[^>]*? d="M([\d.]+),([\d.]+)h[^"]*" fill="(rgb[^"]+)"', svg)  # cell corner, colour
+    by_row = sorted(cells, key=lambda c: (float(c[1]), float(c[0])))
+    assert [fill for _, _, fill in by_row] == ["rgb(0, 0, 255)", "rgb(245, 245, 245)", "rgb(255, 0, 0)",
+                                                *["rgb(250, 123, 123)"] * 3]  # layer 0 (top row) first
+
+
+def test_every_profile_has_a_note_saying_what_it_can_show(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(rr.REPORT_DIR))
+    import blocks
+
+    from data_prep.paths import REPO_ROOT
+
+    profiles = {p.stem for p in (REPO_ROOT / "replication" / "configs" / "profiles").glob("*.yaml")}
+    notes = blocks.profile_notes()
+    assert profiles <= set(notes)
+    box = blocks.profile_note("demo").data
+    assert box.startswith("::: {.profile-note}") and notes["demo"]["title"] in box
+    assert "near noise" in box and "Cannot show:" in box
+    bad = tmp_path / "notes.yaml"
+    bad.write_text("tiny: {title: T, can: x}\n")
+    monkeypatch.setattr(blocks, "PROFILE_NOTES", bad)
+    with pytest.raises(ValueError, match=r"profile 'tiny' has \['can', 'title'\]; give exactly"):
+        blocks.profile_notes()
+
+
+def test_the_browser_check_sees_console_errors_and_undrawn_charts(tmp_path):
+    """A page with one console error, no chart and an image from the network: the check reports all three."""
+    from report import check
+
+    try:
+        check.chromium()
+    except check.CheckError as error:
+        pytest.skip(str(error))
+    page = tmp_path / "page.html"
+    page.write_text("<html><body><p>no chart</p><img src='http://192.0.2.1/x.png'>"
+                    "<script>console.error('broken chart');</script></body></html>")
+    result = check.check_html(page, n_figures=1, screenshot=tmp_path / "shot.png", timeout=2)
+    assert result.charts == 0 and any("broken chart" in e for e in result.errors)
+    assert result.remote_requests == ["http://192.0.2.1/x.png"]
+    assert (tmp_path / "shot.png").stat().st_size > 0

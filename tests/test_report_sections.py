@@ -2,6 +2,7 @@
 directory, the fallback renderer makes HTML and PDF from them, and every section figure and table is found (by its
 label and caption) with numbers computed from the cubes; a section whose cube is missing shows the placeholder."""
 import html as html_lib
+import json
 import re
 import unicodedata
 
@@ -12,14 +13,17 @@ from report import render as rr
 
 EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")
 SECTION_ITEMS = {  # labels of the figures and tables each section shows for the tiny profile
-    "knowledge": ["fig-knowledge-maps", "tbl-knowledge", "fig-knowledge-cross", "tbl-knowledge-cross"],
+    "knowledge": ["fig-knowledge-maps", "fig-knowledge-paper", "tbl-knowledge", "fig-knowledge-cross",
+                  "tbl-knowledge-cross"],
     "truthfulness": ["fig-truth-cosine", "tbl-truth-cosine", "tbl-truth-probe", "tbl-truth-ie", "fig-truth-pca"],
     "refusal": ["tbl-refusal-cosine", "fig-refusal-cosine", "tbl-refusal-scores", "tbl-refusal-degenerate",
                 "fig-refusal-transfer", "tbl-refusal-samples", "fig-refusal-pca"],
     "confidence": ["tbl-entropy-neurons", "fig-entropy-scatter", "fig-entropy-venn", "fig-reliability",
                    "tbl-calibration", "tbl-ablation"],
 }
-NOT_FOR_TINY = ["tbl-figure1d"]  # the Llama-3.1-8B family's neuron ids beside the paper's: only with that family
+NOT_FOR_TINY = ["tbl-figure1d",  # the Llama-3.1-8B family's neuron ids beside the paper's: only with that family
+                "fig-knowledge-maps-2", "fig-knowledge-maps-3",  # tiny's two knowledge datasets fit one figure
+                "fig-knowledge-cross-2", "fig-knowledge-cross-3"]
 PLACEHOLDER = "Not yet computed for this profile"
 
 
@@ -31,7 +35,7 @@ def rendered(tiny_results, tmp_path_factory):
         paths = rr.render("tiny", out_dir=tmp_path_factory.mktemp("report"))
     html = paths["html"].read_text()
     pdf_text = " ".join(body_text(page) for page in pypdf.PdfReader(paths["pdf"]).pages)
-    return {"html": html, "html_text": plain(html), "pdf_text": pdf_text}
+    return {"html": html, "html_text": plain(html), "pdf_text": pdf_text, "dir": paths["html"].parent}
 
 
 def body_text(page, footer: float = 70.0) -> str:
@@ -70,6 +74,9 @@ def test_every_section_item_has_a_caption_naming_what_it_reproduces():
     caps = captions()
     for label in [*sum(SECTION_ITEMS.values(), []), *NOT_FOR_TINY]:
         assert label in caps, label
+        if label[-2:] in ("-2", "-3"):  # a continued figure refers to its first part
+            assert f"as in @{label[:-2]}" in caps[label], label
+            continue
         assert re.search(r"cf\. (paper|the paper's|the original)|[Bb]eyond the paper|paper Figure", caps[label]), label
 
 
@@ -162,3 +169,56 @@ def test_an_incomplete_cube_is_reported_not_drawn(tiny_results, tmp_path, monkey
     table = blocks.audit_table("tiny")
     assert table.set_index("key").loc["qualitative.confidence.min_entropy_neuron_overlap", "status"] == "not measured"
     assert "Confidence**: incomplete for this profile" in sections.summary("tiny", table).data
+
+
+@pytest.mark.slow
+def test_the_appendix_tables_are_collapsed_in_html_and_shown_in_pdf(rendered):
+    for label, summary in (("tbl-refusal-samples", "Show the sample completions"),
+                           ("tbl-runs", "Show the provenance tables")):
+        collapsed = re.search(rf"<details><summary>{summary}</summary>(.*?)</details>", rendered["html"], re.S)
+        assert collapsed and f'id="{label}"' in collapsed.group(1), label
+    assert "<details>" not in rendered["pdf_text"] and contains(rendered["pdf_text"], captions()["tbl-runs"])
+
+
+@pytest.mark.slow
+def test_every_chart_shows_its_values_on_hover(rendered):
+    """Each chart of the HTML declares a tooltip on the marks that carry its data (vega-embed's tooltip handler,
+    bundled with it, shows them)."""
+    specs = [json.loads(spec) for spec in re.findall(r'vegaEmbed\("#vega-chart-\d+", (.*?), \{"actions"',
+                                                      rendered["html"], re.S)]
+    assert len(specs) == len(json.loads((rendered["dir"] / rr.DECLARED).read_text())["figures"])
+    for spec in specs:
+        assert '"tooltip"' in json.dumps(spec), spec.get("title")
+
+
+@pytest.mark.slow
+def test_knowledge_maps_have_the_paper_map_beside_them(rendered):
+    figure = re.search(r'<div id="fig-knowledge-paper" class="figure">(.*?)<div class="caption">', rendered["html"],
+                       re.S).group(1)
+    assert "llama-3.1-8b-instruct (authors' patching_results.json)" in figure
+    assert "BASE tiny-llama" in figure and "SFT tiny-llama-sft" in figure
+
+
+@pytest.mark.slow
+def test_the_pdf_shows_what_the_report_declares(rendered):
+    from report import check
+
+    declared = json.loads((rendered["dir"] / rr.DECLARED).read_text())
+    assert "fig-knowledge-paper" in declared["figures"] and "tbl-refusal-samples" in declared["tables"]
+    pages, captions_found = check.pdf_captions(rendered["dir"] / "report.pdf")
+    assert captions_found == {"Figure": len(declared["figures"]), "Table": len(declared["tables"])}
+    assert pages > 10
+
+
+@pytest.mark.slow
+def test_the_html_draws_every_chart_in_chromium_without_errors(rendered):
+    from report import check
+
+    try:
+        check.chromium()
+    except check.CheckError as error:
+        pytest.skip(str(error))
+    n_figures = len(json.loads((rendered["dir"] / rr.DECLARED).read_text())["figures"])
+    result = check.check_html(rendered["dir"] / "report.html", n_figures, rendered["dir"] / "screenshot.png")
+    assert result.errors == [] and result.charts == n_figures and result.remote_requests == []
+    assert result.screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
