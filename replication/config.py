@@ -38,7 +38,7 @@ PLAIN = "plain"  # template name: "User: {instruction}\nAssistant:" (in the `tem
 CHAT = "chat"  # template name: the tokenizer's own chat template, with the generation prompt
 
 EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")
-# Datasets with the hard-coded patching few-shot lines of the original (methods_reference §1.3).
+# Datasets with the hard-coded patching few-shot lines of the original (Knowledge+Truthfulness/patching.py).
 KNOWLEDGE_DATASETS = ("cities", "neg_cities", "larger_than", "smaller_than", "sp_en_trans", "neg_sp_en_trans",
                       "tulu_extracted")
 TRUE_FALSE_DATASETS = ("cities", "neg_cities", "larger_than", "smaller_than", "sp_en_trans", "neg_sp_en_trans",
@@ -67,7 +67,8 @@ def choice(*allowed: str) -> Any:
     """A string type with fixed values (an enum in the JSON schema); a wrong value names them and the closest."""
     def check(value: Any) -> Any:
         if value not in allowed:
-            raise ValueError(f"is {value!r}; allowed values: {', '.join(map(repr, allowed))}.{_suggest(value, allowed)}")
+            raise ValueError(f"is {value!r}; allowed values: {', '.join(map(repr, allowed))}."
+                             f"{_suggest(value, allowed)}")
         return value
     return Annotated[Literal[allowed], BeforeValidator(check)]
 
@@ -107,7 +108,8 @@ class Architecture:
 
 @dataclass(frozen=True, config=STRICT)
 class ModelSettings:
-    """Per-model experiment settings of the original code (methods_reference §1.4, §1.5). None = not set.
+    """Per-model experiment settings of the original code (Knowledge+Truthfulness/config.ini, Refusal/*.py).
+    None = not set.
 
     Layer convention: "layer l" is the output of decoder layer l (HF hidden_states[l + 1]); `refusal_layer` and
     `refusal_apply_layer` are TransformerLens block indices (resid_pre l = the input of decoder layer l).
@@ -199,7 +201,8 @@ class KnowledgeSettings:
     max_pairs: Optional[Positive] = None  # pairs per dataset, first N in file order; None = all
     families: Optional[tuple[Str, ...]] = None  # None = every family of the profile
     batch_size: Optional[Positive] = None  # None = the profile's batch_size (pairs per batched forward)
-    layers_per_batch: Optional[Positive] = None  # patched layers per batched forward (rows = pairs x layers); None = all
+    # patched layers per batched forward (rows = pairs x layers); None = all
+    layers_per_batch: Optional[Positive] = None
 
 
 @dataclass(frozen=True, config=STRICT)
@@ -234,7 +237,8 @@ class RefusalSettings:
 
 @dataclass(frozen=True, config=STRICT)
 class ConfidenceSettings:
-    top_norm_fraction: Annotated[Float, Field(gt=0, le=1)]  # keep last-layer neurons with ||w_out|| above the (1 - fraction) quantile
+    # keep last-layer neurons with ||w_out|| above the (1 - fraction) quantile
+    top_norm_fraction: Annotated[Float, Field(gt=0, le=1)]
     n_neurons: Positive  # then the n with the smallest LogitVar
     datasets: tuple[TrueFalseDataset, ...]  # datasets for output confidence (entropy of the next-token distribution)
     max_statements: Optional[Positive] = None

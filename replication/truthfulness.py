@@ -450,6 +450,7 @@ def write_interventions(store: CubeStore, profile: Profile, spec: ModelSpec, uni
 
 def run(profile: Profile, *, progress: bool = True) -> Path:
     """Run (or resume) the truthfulness experiment of `profile`; returns the cube path."""
+    profile.check_settings(EXPERIMENT)
     settings = profile.experiment(EXPERIMENT)
     specs = {key: profile.model_spec(key) for key in profile.models(EXPERIMENT)}
     store = CubeStore(results_dir(profile.name) / f"{EXPERIMENT}.zarr",

@@ -263,7 +263,8 @@ def test_experiment_on_a_model_without_its_settings(tmp_path):
     with pytest.raises(ConfigError) as error:
         profile.check_settings("truthfulness")
     message = str(error.value)
-    assert "\n" not in message and "'llama-2-7b'" in message and "settings.probe_layer, settings.intervene_layer" in message
+    assert "\n" not in message and "'llama-2-7b'" in message
+    assert "settings.probe_layer, settings.intervene_layer" in message
     assert f"ptr sweep truthfulness --profile {tmp_path / 'mine.yaml'}" in message
     profile.check_settings("confidence")  # needs none
 
