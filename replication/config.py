@@ -84,11 +84,17 @@ SETTINGS_SOURCES = ("original", "chosen", "provisional", "sweep")
 STRICT = ConfigDict(extra="forbid")  # an unknown key is an error
 
 
+def config_dataclass(cls):
+    """A frozen dataclass checked by pydantic on construction, unknown keys being errors: the classes that YAML
+    configuration is read into (with `_build`)."""
+    return dataclass(frozen=True, config=STRICT)(cls)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Model table
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class Architecture:
     """Module paths inside a Hugging Face *ForCausalLM of one architecture (dotted attribute paths)."""
     layers_path: Str  # the decoder-layer list, from the top model
@@ -106,7 +112,7 @@ class Architecture:
     mlp_out_norm_path: Optional[Str] = None
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class ModelSettings:
     """Per-model experiment settings of the original code (Knowledge+Truthfulness/config.ini, Refusal/*.py).
     None = not set.
@@ -131,7 +137,7 @@ class ModelSettings:
     refusal_dtype: Optional[Dtype] = None
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class ModelSpec:
     key: SkipJsonSchema[Str]  # the model-table key, e.g. "llama-3.1-8b" (set from the table)
     family: Str  # e.g. "llama3"; a base and its post-trained models share it
@@ -189,13 +195,13 @@ class ModelSpec:
 # Profiles
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class Family:
     base: Str  # model key of the base model
     post: tuple[Str, ...]  # model keys of its post-trained versions
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class KnowledgeSettings:
     datasets: tuple[KnowledgeDataset, ...]
     max_pairs: Optional[Positive] = None  # pairs per dataset, first N in file order; None = all
@@ -205,7 +211,7 @@ class KnowledgeSettings:
     layers_per_batch: Optional[Positive] = None
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class TruthfulnessSettings:
     datasets: tuple[TrueFalseDataset, ...]  # probe-transfer / intervention datasets (the paper's table columns)
     similarity_datasets: tuple[TrueFalseDataset, ...]  # datasets whose base/post truth directions are compared
@@ -219,7 +225,7 @@ class TruthfulnessSettings:
     batch_size: Optional[Positive] = None
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class RefusalSettings:
     n_train: Positive  # harmful and harmless training instructions each (direction extraction)
     n_test: Positive  # test instructions per kind (steering evaluation)
@@ -235,7 +241,7 @@ class RefusalSettings:
     batch_size: Optional[Positive] = None
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class ConfidenceSettings:
     # keep last-layer neurons with ||w_out|| above the (1 - fraction) quantile
     top_norm_fraction: Annotated[Float, Field(gt=0, le=1)]
@@ -248,7 +254,7 @@ class ConfidenceSettings:
     ablation_datasets: tuple[TrueFalseDataset, ...] = ()
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class Experiments:
     knowledge: KnowledgeSettings
     truthfulness: TruthfulnessSettings
@@ -256,14 +262,14 @@ class Experiments:
     confidence: ConfidenceSettings
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class RandomWeights:
     """Build every model with random weights from its real config (replication/shapes.py), optionally smaller."""
     layers: Optional[Int] = None  # decoder layers; None = the real number
     heads: Optional[Int] = None  # attention heads (hidden size = heads x head_dim); None = the real number
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class Profile:
     name: Str
     description: Str
@@ -350,7 +356,7 @@ def _sha256_json(value: Any) -> str:
 # Loading
 
 
-@dataclass(frozen=True, config=STRICT)
+@config_dataclass
 class ModelTableFile:
     """A model-table file as written: the built-in one, or a user's own (`--models` / PTR_MODELS), whose sections
     may each be left out and whose entries replace the built-in entries of the same name."""
@@ -368,7 +374,7 @@ def load_model_table(path: Optional[Path | str] = None, user: Optional[Path | st
         files.append(Path(user))
     architectures, templates, entries = {}, {}, {}  # name -> (value, the file it comes from)
     for file in files:
-        table = _validated(ModelTableFile, _read_yaml(file), "", file)
+        table = _build(ModelTableFile, _read_yaml(file), "", file)
         architectures |= {name: (arch, file) for name, arch in table.architectures.items()}
         templates |= {name: (_check_template(text, f"templates.{name}", file), file)
                       for name, text in table.templates.items()}
@@ -393,7 +399,7 @@ def load_profile(name_or_path: str | Path, model_table: Optional[dict[str, Model
         if key in data:
             raise ConfigError(f"{path}: unknown key {key!r} in the top level. Allowed keys: "
                               f"{', '.join(_file_keys(Profile))}.")
-    profile = _validated(Profile, {**data, "model_table": table, "source_path": path}, "", path)
+    profile = _build(Profile, {**data, "model_table": table, "source_path": path}, "", path)
     _check_profile(profile, path)
     if profile.random_weights is not None:
         profile = dataclasses.replace(profile, model_table={**table, **_random_weight_specs(profile, path)})
@@ -433,7 +439,7 @@ def _random_weight_specs(profile: Profile, path: Path) -> dict[str, ModelSpec]:
         settings = shapes.scaled_settings(_plain(spec.settings), real_layers, layers)
         specs[key] = dataclasses.replace(
             spec, source="shape", seed=shapes.weight_seed(key, profile.seed),
-            settings=_validated(ModelSettings, settings, f"models.{key}.settings", path),
+            settings=_build(ModelSettings, settings, f"models.{key}.settings", path),
             shape={"tokenizer": entry["tokenizer"], "config_source": entry["config_source"], "config": config})
     return specs
 
@@ -474,7 +480,7 @@ def _model_spec(key: str, entry: dict, architectures: dict, templates: dict, pat
     local = _local_directory(entry.get("hf_id"), path) if entry.get("source") == "hub" else None
     if local is not None:
         entry["hf_id"] = str(local)
-    spec = _validated(ModelSpec, {"key": key, **entry}, where, path)
+    spec = _build(ModelSpec, {"key": key, **entry}, where, path)
 
     setting_names = [f.name for f in dataclasses.fields(ModelSettings)]
     for name in spec.chosen_settings:
@@ -585,7 +591,7 @@ def _adapter(cls) -> TypeAdapter:
     return TypeAdapter(cls)
 
 
-def _validated(cls, data: Any, where: str, path: Path):
+def _build(cls, data: Any, where: str, path: Path):
     """`cls` from a YAML mapping; `where` is the dotted location of the mapping in the file ("" = top level)."""
     try:
         return _adapter(cls).validate_python(data)
