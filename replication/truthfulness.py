@@ -583,12 +583,6 @@ def sweep(profile: Profile, *, max_statements: int | None = 200, max_interventio
     return {spec.key: store.read_unit(f"sweep__{spec.key}") for spec in specs}
 
 
-def sweep_settings(profile: Profile, **options) -> dict[str, dict[str, int]]:
-    """`sweep`'s choice per base model, {key: {"probe_layer": .., "intervene_layer": ..}} (a family shares them)."""
-    return {key: {name: int(unit.attrs[name]) for name in ("probe_layer", "intervene_layer")}
-            for key, unit in sweep(profile, **options).items()}
-
-
 if __name__ == "__main__":  # python -m replication.truthfulness PROFILE: run the layer sweep, print the choice
     import sys
 
