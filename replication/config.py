@@ -323,9 +323,11 @@ class Profile:
         for key, names in self.missing_settings(experiment).items():
             profile = self.name if self.source_path is None or self.source_path.parent == PROFILE_DIR \
                 else self.source_path
+            user = paths.user_model_table()
             raise ConfigError(f"model {key!r} lacks settings.{', settings.'.join(names)} for {experiment}: choose "
-                              f"them with `ptr sweep {experiment} --profile {profile} --models YOUR_MODELS.yaml` "
-                              f"(it writes them into that file), or set them in its model-table entry")
+                              f"them with `ptr sweep {experiment} --profile {profile}"
+                              f"{'' if user else ' --models YOUR_MODELS.yaml'}` (it writes them into "
+                              f"{user or 'that file'}), or set them in its model-table entry")
 
     def batch_size_for(self, experiment: str) -> int:
         return self.experiment(experiment).batch_size or self.batch_size
