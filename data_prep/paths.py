@@ -38,3 +38,9 @@ def cache_dir() -> Path:
 
 def results_dir(profile: str) -> Path:
     return _dir("PTR_RESULTS_DIR", REPO_ROOT / "results") / profile
+
+
+def user_model_table() -> Path | None:
+    """The user's own model table, merged over the built-in one (`ptr --models FILE` sets it)."""
+    value = os.environ.get("PTR_MODELS")
+    return Path(value).expanduser().resolve() if value else None

@@ -3,16 +3,34 @@ report; it is the only package that imports all of them (heavy imports happen in
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
+from pathlib import Path
 
 import click
 
 EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")
-PROFILE_OPTION = click.option(
+_PROFILE = click.option(
     "--profile", default="demo", show_default=True,
     help="Profile name (paper, demo, tiny) or path to a profile YAML file.",
 )
+
+
+def _use_model_table(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:  # through the environment, so every step (and any subprocess) reads the same table
+        os.environ["PTR_MODELS"] = str(Path(value).resolve())
+
+
+_MODELS = click.option(
+    "--models", type=click.Path(dir_okay=False, exists=True), expose_value=False, callback=_use_model_table,
+    help="Your own model table (YAML), merged over the built-in one; also read from PTR_MODELS.",
+)
+
+
+def PROFILE_OPTION(command):  # noqa: N802 (a decorator, like the click options)
+    """--profile, and --models: whatever reads a profile reads the model table too."""
+    return _PROFILE(_MODELS(command))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,7 +39,7 @@ def main() -> None:
 
     Typical order: `ptr data`, `ptr posttrain` (demo/tiny), `ptr run EXPERIMENT` for each experiment,
     `ptr report`, `ptr audit`. `make replicate` runs them all. `ptr sweep` chooses the settings of models the
-    original code has none for (recorded in the model table).
+    original code has none for (written into your own model table, --models).
     """
 
 
@@ -67,13 +85,18 @@ def run(experiment: str, profile: str, fresh: bool = False, dry_run: bool = Fals
     Resumable: finished units are skipped; a cube computed under another configuration is refused (see --fresh).
     Each run first prints its memory plan and stops when the visible GPU is too small for it."""
     from data_prep.paths import results_dir
-    from replication.config import load_profile
+    from replication.config import ConfigError, load_profile
     from replication.cubes import StaleCubeError, set_aside
     from replication.memory import InsufficientMemoryError, check_fits, plan_lines, residencies
     from replication.models import resolve_device
 
     prof = load_profile(profile)
     names = EXPERIMENTS if experiment == "all" else (experiment,)
+    try:
+        for name in names:
+            prof.check_settings(name)
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
     device, resident = resolve_device(prof.device), residencies(prof)
     for line in plan_lines(resident, names):
         click.echo(f"memory plan ({device}): {line}")
@@ -98,24 +121,34 @@ def run(experiment: str, profile: str, fresh: bool = False, dry_run: bool = Fals
 @click.argument("experiment", type=click.Choice(["truthfulness", "refusal"]))
 @PROFILE_OPTION
 def sweep(experiment: str, profile: str) -> None:
-    """Choose per-model settings for models the original code has none for (the demo models): truthfulness
-    probe_layer / intervene_layer, refusal layer / position / coefficients. Writes the grid to
-    results/<profile>/<experiment>_sweep.zarr (resumable) and prints each choice beside the model table's value;
-    record a changed choice in replication/configs/models.yaml (settings_source: sweep)."""
-    from replication.config import MODEL_TABLE, load_profile
+    """Choose per-model settings for models the original code has none for (your own pair, the demo models):
+    truthfulness probe_layer / intervene_layer, refusal layer / position / coefficients. Writes the grid to
+    results/<profile>/<experiment>_sweep.zarr (resumable) and prints each choice beside the model table's value.
+    With your own model table (--models / PTR_MODELS) the choices of the models it defines are written into it
+    (settings_source: sweep, with what was measured), so `ptr run` can use them."""
+    from replication.config import MODEL_TABLE, ConfigError, load_profile
+    from data_prep.paths import user_model_table
+    from replication.sweeps import choices, record
 
     prof = load_profile(profile)
-    module = importlib.import_module(f"replication.experiments.{experiment}")
-    chosen = (module.sweep_settings if experiment == "truthfulness" else module.sweep)(prof)
+    chosen = choices(experiment, prof)
     differ = 0
-    for key, settings in chosen.items():
+    for key, choice in chosen.items():
         recorded = prof.model_spec(key).settings
-        for name, value in settings.items():
+        for name, value in choice.settings.items():
             same = getattr(recorded, name) == value
             differ += not same
             click.echo(f"{key:<28} {name:<20} swept {value!s:<10} model table {getattr(recorded, name)!s:<10}"
                        f"{'' if same else '  <- differs'}")
-    click.echo(f"{differ} setting(s) differ from {MODEL_TABLE}" if differ else "the model table holds these settings")
+    user = user_model_table()
+    if user:
+        try:
+            written = record(user, experiment, chosen)
+        except ConfigError as error:
+            raise click.ClickException(str(error)) from None
+        click.echo(f"written into {user}: {', '.join(written) or 'none of these models (it defines none of them)'}")
+    click.echo(f"{differ} setting(s) differ from {user or MODEL_TABLE}" if differ
+               else "the model table holds these settings")
 
 
 @main.command()

@@ -17,12 +17,12 @@ LAYERS = [
     ("data_prep", 0),
     ("replication.config", 1), ("replication.cubes", 1), ("replication.provenance", 1), ("replication.shapes", 1),
     ("replication.models", 2), ("replication.mechanics", 2), ("replication.memory", 2),
-    ("replication.experiments", 3), ("replication.posttrain", 3),
+    ("replication.experiments", 3), ("replication.posttrain", 3), ("replication.sweeps", 3),
     ("replication", 1),  # the package itself (its __init__)
     ("analysis", 4), ("report", 5), ("ptr", 6), ("bench", 7),
 ]
 LAYER_NAMES = {0: "data_prep", 1: "replication base (config, cubes, provenance, shapes)",
-               2: "replication.models / mechanics / memory", 3: "replication.experiments / posttrain",
+               2: "replication.models / mechanics / memory", 3: "replication.experiments / posttrain / sweeps",
                4: "analysis", 5: "report", 6: "ptr", 7: "bench"}
 CUBE_READERS = ("analysis", "report")  # they read cubes: replication's base layer only, never its torch modules
 # Never import torch: the cube readers and replication's base layer (which analysis imports).

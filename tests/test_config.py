@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
 from replication.config import (
+    EXPERIMENTS,
     MODEL_TABLE,
     PROFILE_DIR,
+    SCHEMA_DIR,
     ConfigError,
+    available_profiles,
+    json_schemas,
     load_model_table,
     load_profile,
 )
@@ -246,10 +252,21 @@ def test_unknown_dataset_and_family_selection(tmp_path):
 
 
 def test_experiment_on_a_model_without_its_settings(tmp_path):
+    # The profile loads (`ptr sweep` must be able to read it); the experiment refuses in one line naming the model,
+    # the settings and the sweep that chooses them.
     data = profile_data("paper")
     data["experiments"]["truthfulness"]["families"] = ["llama3", "llama2-7b"]
-    message = profile_error(tmp_path, data)
-    assert "'llama-2-7b'" in message and "settings.probe_layer" in message and "families" in message
+    profile = load_profile(write_yaml(tmp_path / "mine.yaml", data))
+    assert profile.missing_settings("truthfulness") == {"llama-2-7b": ["probe_layer", "intervene_layer"],
+                                                        "llama-2-7b-chat": ["probe_layer", "intervene_layer"]}
+    assert profile.missing_settings("knowledge") == {}
+    with pytest.raises(ConfigError) as error:
+        profile.check_settings("truthfulness")
+    message = str(error.value)
+    assert "\n" not in message and "'llama-2-7b'" in message
+    assert "settings.probe_layer, settings.intervene_layer" in message
+    assert f"ptr sweep truthfulness --profile {tmp_path / 'mine.yaml'}" in message
+    profile.check_settings("confidence")  # needs none
 
 
 def test_missing_required_key(tmp_path):
@@ -307,3 +324,43 @@ def test_posttrain_model_must_match_its_base(tmp_path):
     data["models"]["tiny-llama-sft"]["tokenizer_key"] = "llama3"
     message = table_error(tmp_path, data)
     assert "tiny-llama-sft" in message and "tokenizer_key" in message
+
+
+# ---- the schema: pydantic validation, the JSON schema for editors, unchanged hashes --------------------------------
+
+SHIPPED_HASHES = Path(__file__).parent / "data" / "shipped_profile_hashes.json"
+
+
+def test_shipped_profiles_keep_their_hashes():
+    # Recorded with the hand-written validation this schema replaced (commit 5f46f3f): equal hashes mean every
+    # existing cube stays valid. A deliberate configuration change updates the file (and makes cubes stale).
+    recorded = json.loads(SHIPPED_HASHES.read_text())
+    assert sorted(recorded) == available_profiles()
+    for name, hashes in recorded.items():
+        profile = load_profile(name)
+        assert profile.config_hash() == hashes["config"], name
+        assert {e: profile.experiment_hash(e) for e in EXPERIMENTS} == {e: hashes[e] for e in EXPERIMENTS}, name
+
+
+def test_json_schemas_are_current():
+    for name, schema in json_schemas().items():
+        path = SCHEMA_DIR / name
+        assert path.is_file() and json.loads(path.read_text()) == schema, (
+            f"{path} is out of date: run `python -m replication.config`")
+
+
+def test_json_schemas_accept_the_shipped_files_and_reject_a_typo():
+    schemas = {name: jsonschema.Draft202012Validator(schema) for name, schema in json_schemas().items()}
+    table, profile = schemas["model-table.schema.json"], schemas["profile.schema.json"]
+    table.validate(table_data())
+    for path in PROFILE_DIR.glob("*.yaml"):
+        profile.validate(yaml.safe_load(path.read_text()))
+    data = table_data()
+    data["models"]["llama-3.1-8b"]["settings"]["probe_layr"] = 12
+    assert not table.is_valid(data)
+    data = profile_data()
+    data["dtype"] = "fp32"
+    assert not profile.is_valid(data)
+    data = profile_data()
+    data["experiments"]["knowledge"]["datasets"] = ["citys"]
+    assert not profile.is_valid(data)

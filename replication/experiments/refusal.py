@@ -244,6 +244,7 @@ def open_store(profile: Profile, name: str = EXPERIMENT) -> CubeStore:
 
 def run(profile: Profile, *, progress: bool = True) -> Path:
     """Run (or resume) the refusal experiment of `profile`; returns the cube path."""
+    profile.check_settings(EXPERIMENT)
     settings = profile.experiment(EXPERIMENT)
     batch_size = profile.batch_size_for(EXPERIMENT)
     keys = profile.models(EXPERIMENT)

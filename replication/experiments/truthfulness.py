@@ -323,6 +323,7 @@ def write_interventions(store: CubeStore, profile: Profile, spec: ModelSpec, uni
 
 def run(profile: Profile, *, progress: bool = True) -> Path:
     """Run (or resume) the truthfulness experiment of `profile`; returns the cube path."""
+    profile.check_settings(EXPERIMENT)
     settings = profile.experiment(EXPERIMENT)
     specs = {key: profile.model_spec(key) for key in profile.models(EXPERIMENT)}
     store = CubeStore(results_dir(profile.name) / f"{EXPERIMENT}.zarr",
@@ -453,24 +454,3 @@ def sweep(profile: Profile, *, max_statements: int | None = 200, max_interventio
                 n_probe_layers=n_probe_layers, widths=widths, progress=progress), started_at=started)
             release()
     return {spec.key: store.read_unit(f"sweep__{spec.key}") for spec in specs}
-
-
-def sweep_settings(profile: Profile, **options) -> dict[str, dict[str, int]]:
-    """`sweep`'s choice per base model, {key: {"probe_layer": .., "intervene_layer": ..}} (a family shares them)."""
-    return {key: {name: int(unit.attrs[name]) for name in ("probe_layer", "intervene_layer")}
-            for key, unit in sweep(profile, **options).items()}
-
-
-# python -m replication.experiments.truthfulness PROFILE: run the layer sweep, print the choice
-if __name__ == "__main__":
-    import sys
-
-    from replication.config import load_profile
-
-    for key, result in sweep(load_profile(sys.argv[1])).items():
-        print(f"{key}: mean leave-one-out accuracy per layer")
-        print(result["accuracy"].mean("test_dataset").to_series().round(3).to_string())
-        print("mean intervention effect per candidate range")
-        print(result["intervention_effect"].mean("test_dataset").to_dataframe(name="ie")
-              .set_index(["start_layer", "end_layer"]).round(3).to_string())
-        print(f"chosen: probe_layer {result.attrs['probe_layer']}, intervene_layer {result.attrs['intervene_layer']}")

@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
@@ -23,11 +23,16 @@ from replication.config import (
     CONFIG_DIR,
     TRUE_FALSE_DATASETS,
     ConfigError,
+    Float,
+    Int,
     ModelSpec,
+    Str,
     _build,
     _check_choice,
     _mapping,
     _read_yaml,
+    choice,
+    config_dataclass,
     load_model_table,
 )
 from replication.mechanics.refusal_score import is_refusal
@@ -43,48 +48,48 @@ TRAINING_CODE_VERSION = 1
 # Recipes (validated YAML data)
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class DataRecipe:
-    n_harmful: int  # AdvBench train instructions, with refusal replies
-    n_harmless: int  # Alpaca train instructions, with helpful replies
-    helpful_replies: Literal["base_model", "fixed"]
-    fixed_reply: Optional[str] = None  # helpful_replies: fixed
-    max_reply_tokens: int = 32  # base_model: greedy tokens generated per reply
-    reply_stop: str = "\n"  # base_model: a reply ends before this string
-    generation_batch_size: int = 16  # base_model
+    n_harmful: Int  # AdvBench train instructions, with refusal replies
+    n_harmless: Int  # Alpaca train instructions, with helpful replies
+    helpful_replies: choice("base_model", "fixed")
+    fixed_reply: Optional[Str] = None  # helpful_replies: fixed
+    max_reply_tokens: Int = 32  # base_model: greedy tokens generated per reply
+    reply_stop: Str = "\n"  # base_model: a reply ends before this string
+    generation_batch_size: Int = 16  # base_model
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class TrainingRecipe:
-    epochs: int
-    batch_size: int
-    lr: float  # peak learning rate
-    warmup_fraction: float  # of the steps, linear warm-up from 0; then linear decay to 0
-    weight_decay: float
-    max_grad_norm: float
+    epochs: Int
+    batch_size: Int
+    lr: Float  # peak learning rate
+    warmup_fraction: Float  # of the steps, linear warm-up from 0; then linear decay to 0
+    weight_decay: Float
+    max_grad_norm: Float
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class EvaluationRecipe:
-    n_test: int  # first n of each refusal TEST split
-    max_new_tokens: int
-    truth_datasets: tuple[str, ...]
-    n_statements: int  # per truth dataset
-    batch_size: int
+    n_test: Int  # first n of each refusal TEST split
+    max_new_tokens: Int
+    truth_datasets: tuple[Str, ...]
+    n_statements: Int  # per truth dataset
+    batch_size: Int
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class Acceptance:
-    min_harmful_refusal: float
-    max_harmless_refusal: float
-    max_accuracy_change: float  # |post - base| mean few-shot accuracy
+    min_harmful_refusal: Float
+    max_harmless_refusal: Float
+    max_accuracy_change: Float  # |post - base| mean few-shot accuracy
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class Recipe:
-    name: str
-    description: str
-    seed: int
+    name: Str
+    description: Str
+    seed: Int
     data: DataRecipe
     training: TrainingRecipe
     evaluation: EvaluationRecipe
