@@ -4,8 +4,9 @@ Greedy decoding as in the original's `_generate_with_hooks` (methods_reference Â
 `max_new_tokens` steps, hooks active at every position of every step, completions decoded with
 `skip_special_tokens=True`. The original recomputes the whole sequence at each step; the KV cache gives the same
 tokens (steering is position-wise and cached keys/values came from steered activations), which
-`tests/test_refusal_generation.py` checks. Position ids count real tokens only, so a left-padded prompt sees the
+`tests/test_refusal_steering.py` checks. Position ids count real tokens only, so a left-padded prompt sees the
 same positions as the unpadded one.
+`greedy_generate_many` runs several steerings of the same prompts in one batch, each on its own block of rows.
 """
 from __future__ import annotations
 

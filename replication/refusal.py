@@ -27,6 +27,8 @@ the steered model's refusal_coef_sub / refusal_coef_add (or the direction model'
 direction and by each paired model's: forward transfer = the base direction on a post-trained model, backward
 = a post-trained direction on the base. Refusal score = fraction of completions starting with one of the 25
 refusal phrases (replication/refusal_phrases.py).
+The conditions of one model on one instruction set are generated together, stacked in each forward pass
+(`greedy_generate_many`); every condition's completions equal its own generation's.
 
 Cube ``results/<profile>/refusal.zarr``, resumable per unit:
 
