@@ -42,8 +42,11 @@ check-report: setup
 audit: setup
 	$(PTR) audit --profile $(PROFILE)
 
+# Then the per-step table of `ptr replicate` (bench/replicate.py): on a fresh clone every step runs; FRESH=1 sets
+# the cubes aside first and recomputes them (the rerun time).
 bench: setup
 	$(BIN)/python -m bench.run --profile $(PROFILE)
+	$(BIN)/python -m bench.replicate --profile $(PROFILE) $(if $(FRESH),--fresh)
 
 clean:
 	rm -rf results report/_output cache data

@@ -323,12 +323,14 @@ def test_run_resumes_only_unfinished_units(tiny_run, tiny_pair, processed_data, 
     group = zarr.open_group(str(tiny_run), mode="a", path=f"{UNITS_GROUP}/{name}")
     group.attrs.put({**dict(group.attrs), COMPLETE_ATTR: False})  # as if interrupted before its marker
     calls = []
-    real_generate = refusal.greedy_generate
-    monkeypatch.setattr(refusal, "greedy_generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    real_generate = refusal.greedy_generate_many
+    monkeypatch.setattr(refusal, "greedy_generate_many",
+                        lambda model, prompts, steerings, **k: calls.append(len(steerings))
+                        or real_generate(model, prompts, steerings, **k))
     monkeypatch.setenv("PTR_RESULTS_DIR", str(tiny_run.parent.parent))
     monkeypatch.setenv("PTR_DATA_DIR", str(processed_data))
     assert refusal.run(tiny_pair, progress=False) == tiny_run
-    assert len(calls) == 1  # exactly the unfinished unit was generated again
+    assert calls == [1]  # exactly the unfinished unit was generated again
     after = refusal.open_store(tiny_pair).read_unit(name)
     assert list(after["completion"].values) == list(before["completion"].values)
 

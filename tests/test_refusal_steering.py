@@ -8,7 +8,7 @@ import pytest
 import torch
 from nnsight import LanguageModel
 
-from replication.mechanics.generation import greedy_generate, truncate_at_stop
+from replication.mechanics.generation import greedy_generate, greedy_generate_many, truncate_at_stop
 from replication.mechanics.steering import INTERVENTIONS, Steering, ablate_direction, add_direction, steered
 from replication.models.tiny import build_model, build_tokenizer
 
@@ -113,6 +113,25 @@ def test_batched_cached_generation_equals_recompute_loop(tokenizer, arch, interv
     expected = [reference_generate(hf_model, tokenizer, p, steering, 12) for p in PROMPTS]
     assert batched == expected
     assert len(set(batched)) > 1  # the prompts do lead to different completions
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("stop_at_eos", [False, True])
+def test_conditions_sharing_forward_passes_equal_each_generated_alone(tokenizer, arch, stop_at_eos):
+    """greedy_generate_many stacks the conditions of one model and prompts in a batch (refusal.run's fast path):
+    each condition's completions equal its own greedy_generate, token for token, whatever the others do."""
+    hf_model = build_model(arch, seed=2, tokenizer=tokenizer)
+    model = LanguageModel(hf_model, tokenizer=tokenizer)
+    steerings = [None, make_steering(hf_model, arch, "addition", seed=3, strength=1.0),
+                 make_steering(hf_model, arch, "ablation", seed=4),
+                 make_steering(hf_model, arch, "subtraction", seed=5, strength=1.0),
+                 make_steering(hf_model, arch, "addition", seed=3, strength=0.25)]
+    stacked = greedy_generate_many(model, PROMPTS, steerings, max_new_tokens=12, batch_size=3, progress=False,
+                                   stop_at_eos=stop_at_eos)
+    alone = [greedy_generate(model, PROMPTS, max_new_tokens=12, batch_size=3, steering=steering, progress=False,
+                             stop_at_eos=stop_at_eos) for steering in steerings]
+    assert stacked == alone
+    assert len({tuple(c) for c in alone}) == len(steerings)  # every condition generates differently
 
 
 def test_stop_at_eos_truncates_at_the_first_end_token(tokenizer):

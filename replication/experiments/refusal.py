@@ -27,6 +27,8 @@ the steered model's refusal_coef_sub / refusal_coef_add (or the direction model'
 direction and by each paired model's: forward transfer = the base direction on a post-trained model, backward
 = a post-trained direction on the base. Refusal score = fraction of completions starting with one of the 25
 refusal phrases (replication/mechanics/refusal_score.py).
+The conditions of one model on one instruction set are generated together, stacked in each forward pass
+(`greedy_generate_many`); every condition's completions equal its own generation's.
 
 Cube ``results/<profile>/refusal.zarr``, resumable per unit:
 
@@ -60,7 +62,7 @@ from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
 from replication.mechanics.directions import cosine_similarity, mean_difference, pca_projection, unit_vector
 from replication.mechanics.forward import resid_pre_activations
-from replication.mechanics.generation import greedy_generate
+from replication.mechanics.generation import greedy_generate, greedy_generate_many
 from replication.mechanics.refusal_score import is_refusal, refusal_score
 from replication.mechanics.steering import Steering
 from replication.models import load_model, model_dtype, prompts, release
@@ -214,12 +216,15 @@ def condition_steering(profile: Profile, condition: Condition, direction: torch.
                     coefficient(profile, condition), spec.layers_path, spec.architecture.attn_out_path)
 
 
-def generation_unit(model, spec: ModelSpec, items: Sequence[str], steer: Steering | None, *, max_new_tokens: int,
-                    batch_size: int, stop_at_eos: bool, progress: bool = False) -> xr.Dataset:
-    """Completions of the instructions in the model's own template, their refusal flags and the refusal score."""
-    completions = greedy_generate(model, prompts(model, spec, items), max_new_tokens=max_new_tokens,
-                                  batch_size=batch_size, steering=steer, progress=progress, stop_at_eos=stop_at_eos)
-    return xr.Dataset(
+def generation_units(model, spec: ModelSpec, items: Sequence[str], steers: Sequence[Steering | None], *,
+                     max_new_tokens: int, batch_size: int, stop_at_eos: bool, progress: bool = False
+                     ) -> list[xr.Dataset]:
+    """Per steering (None: the baseline), the completions of the instructions in the model's own template, their
+    refusal flags and the refusal score. The steerings share forward passes (`greedy_generate_many`); each unit
+    equals that of the steering alone (`greedy_generate`)."""
+    runs = greedy_generate_many(model, prompts(model, spec, items), steers, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, progress=progress, stop_at_eos=stop_at_eos)
+    return [xr.Dataset(
         {"completion": ("instruction", np.array(completions, dtype=object)),
          "refusal": ("instruction", np.array([is_refusal(c) for c in completions])),
          "refusal_score": refusal_score(completions)},
@@ -227,7 +232,7 @@ def generation_unit(model, spec: ModelSpec, items: Sequence[str], steer: Steerin
                 "instruction_text": ("instruction", np.array(items, dtype=object))},
         attrs={"max_new_tokens": max_new_tokens, "stop_at_eos": stop_at_eos, "template": spec.template,
                "layer": -1 if steer is None else steer.layer, "coef": 0.0 if steer is None else steer.coef},
-    )
+    ) for steer, completions in zip(steers, runs, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,36 +257,43 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
     train = {kind: instructions(kind, "train", settings.n_train) for kind in KINDS}
     test = {kind: instructions(kind, "test", settings.n_test) for kind in KINDS}
 
+    held = {}  # the last model of the direction loop, kept for the steering loop, which begins with it
     for key in tqdm(keys, desc="refusal directions", disable=not progress):
         if not store.has_unit(f"direction__{key}"):
             spec = profile.model_spec(key)
-            model = load_model(spec, dtype=model_dtype(profile, spec), device=profile.device)
-            store.write_unit(f"direction__{key}", direction_unit(model, spec, train, batch_size=batch_size,
-                                                                 progress=progress))
-            del model
+            held.clear()
             release()
+            held[key] = load_model(spec, dtype=model_dtype(profile, spec), device=profile.device)
+            store.write_unit(f"direction__{key}", direction_unit(held[key], spec, train, batch_size=batch_size,
+                                                                 progress=progress))
     units = {key: store.read_unit(f"direction__{key}") for key in keys}
     for family in profile.family_names(EXPERIMENT):
         if not store.has_unit(f"family__{family}"):
             members = [profile.families[family].base, *profile.families[family].post]
             store.write_unit(f"family__{family}", family_unit({key: units[key] for key in members}))
 
-    for key in tqdm(keys, desc="refusal steering", disable=not progress):
+    for key in tqdm(keys[::-1], desc="refusal steering", disable=not progress):
         todo = [c for c in conditions(profile, key) if not store.has_unit(c.unit)]
         if not todo:
             continue
         spec = profile.model_spec(key)
-        model = load_model(spec, dtype=model_dtype(profile, spec), device=profile.device)
-        for condition in tqdm(todo, desc=key, leave=False, disable=not progress):
-            direction = None if condition.source == NONE else chosen_direction(units[condition.source])
-            steer = condition_steering(profile, condition, direction)
-            unit = generation_unit(model, spec, test[condition.dataset], steer, batch_size=batch_size,
-                                   max_new_tokens=settings.max_new_tokens, stop_at_eos=settings.stop_at_eos,
-                                   progress=progress)
-            store.write_unit(condition.unit, unit.assign_attrs(target=condition.target, source=condition.source,
-                                                               intervention=condition.intervention,
-                                                               dataset=condition.dataset,
-                                                               scale=1.0 if condition.scale is None else condition.scale))
+        model = held.pop(key, None)
+        held.clear()
+        release()
+        if model is None:
+            model = load_model(spec, dtype=model_dtype(profile, spec), device=profile.device)
+        for dataset in tqdm(KINDS, desc=key, leave=False, disable=not progress):
+            # every condition on these instructions in one generation (their units equal separate generations')
+            group = [c for c in todo if c.dataset == dataset]
+            steers = [condition_steering(profile, c, None if c.source == NONE else chosen_direction(units[c.source]))
+                      for c in group]
+            generated = generation_units(model, spec, test[dataset], steers, batch_size=batch_size,
+                                         max_new_tokens=settings.max_new_tokens, stop_at_eos=settings.stop_at_eos,
+                                         progress=progress) if group else []
+            for condition, unit in zip(group, generated):
+                store.write_unit(condition.unit, unit.assign_attrs(
+                    target=condition.target, source=condition.source, intervention=condition.intervention,
+                    dataset=condition.dataset, scale=1.0 if condition.scale is None else condition.scale))
         del model
         release()
     store.update_attrs(finished_at=now())

@@ -4,10 +4,13 @@ Greedy decoding as in the original's `_generate_with_hooks` (methods_reference Â
 `max_new_tokens` steps, hooks active at every position of every step, completions decoded with
 `skip_special_tokens=True`. The original recomputes the whole sequence at each step; the KV cache gives the same
 tokens (steering is position-wise and cached keys/values came from steered activations), which
-`tests/test_refusal_generation.py` checks. Position ids count real tokens only, so a left-padded prompt sees the
+`tests/test_refusal_steering.py` checks. Position ids count real tokens only, so a left-padded prompt sees the
 same positions as the unpadded one.
+`greedy_generate_many` runs several steerings of the same prompts in one batch, each on its own block of rows.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,20 +80,36 @@ def greedy_generate(model, prompts: list[str], *, max_new_tokens: int = 16, batc
     a batch need little padding. `stop_at_eos=False` keeps generating after an end-of-sequence token, as the
     original does (its completions include the text decoded after EOS).
     """
+    return greedy_generate_many(model, prompts, [steering], max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                progress=progress, stop_at_eos=stop_at_eos)[0]
+
+
+def greedy_generate_many(model, prompts: list[str], steerings: Sequence[Steering | None], *,
+                         max_new_tokens: int = 16, batch_size: int = 8, progress: bool = True,
+                         stop_at_eos: bool = True) -> list[list[str]]:
+    """`greedy_generate` of the same prompts under each of `steerings` (None: unsteered), one list per steering.
+
+    The conditions share each forward pass: a batch holds the same `batch_size` prompts (the same rows, the same
+    left padding as `greedy_generate` gives them) once per steering, block i steered by steering i, so the
+    weights are read once per step for every condition (on a CPU the 270M demo model's steps are bound by reading
+    its weights) and the tokenisation is done once.
+    """
     tokenizer, hf_model = model.tokenizer, hf_module(model)
     stop_ids = eos_token_ids(model)
-    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
-    completions: list[str | None] = [None] * len(prompts)
+    encoded = tokenizer(prompts).input_ids
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
+    completions: list[list[str | None]] = [[None] * len(prompts) for _ in steerings]
     device = next(hf_model.parameters()).device
-    with steered(hf_model, steering):
+    with steered(hf_model, steerings):
         for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
             rows = order[start:start + batch_size]
-            batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
-                              padding_side="left").to(device)
-            tokens = greedy_tokens(hf_model, batch.input_ids, batch.attention_mask, max_new_tokens,
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt",
+                                  padding_side="left").to(device)
+            tokens = greedy_tokens(hf_model, batch.input_ids.repeat(len(steerings), 1),
+                                   batch.attention_mask.repeat(len(steerings), 1), max_new_tokens,
                                    stop_ids if stop_at_eos else set())
-            for row, row_tokens in zip(rows, tokens.tolist()):
-                kept = truncate_at_stop(row_tokens, stop_ids) if stop_at_eos else row_tokens
-                completions[row] = tokenizer.decode(kept, skip_special_tokens=True)
+            for block, block_tokens in zip(completions, tokens.split(len(rows))):
+                for row, row_tokens in zip(rows, block_tokens.tolist()):
+                    kept = truncate_at_stop(row_tokens, stop_ids) if stop_at_eos else row_tokens
+                    block[row] = tokenizer.decode(kept, skip_special_tokens=True)
     return completions

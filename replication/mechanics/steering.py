@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -71,23 +71,42 @@ def _edit_first(edit, output):
     return (edit(output[0]), *output[1:]) if isinstance(output, tuple) else edit(output)
 
 
+def _edit_blocks(edits: list, activation: torch.Tensor) -> torch.Tensor:
+    """Apply edits[i] to the i-th of len(edits) equal blocks of rows (None: leave the block as it is)."""
+    if len(edits) == 1:
+        return edits[0](activation)
+    blocks = activation.split(len(activation) // len(edits))
+    return torch.cat([block if edit is None else edit(block) for edit, block in zip(edits, blocks, strict=True)])
+
+
 @contextlib.contextmanager
-def steered(hf_model: torch.nn.Module, steering: Steering | None) -> Iterator[None]:
-    """Register the resid_pre / resid_mid / resid_post hooks of `steering` for the duration of the block."""
-    if steering is None:
+def steered(hf_model: torch.nn.Module, steering: Steering | None | Sequence[Steering | None]) -> Iterator[None]:
+    """Register the resid_pre / resid_mid / resid_post hooks of `steering` for the duration of the block.
+
+    A sequence of steerings (None: unsteered) edits a batch made of len(steerings) equal blocks of rows, block i
+    by steering i (`generation.greedy_generate_many` stacks conditions so). Each block's edit is the single
+    steering's edit applied to that block alone. Hooks go only on blocks that some steering edits, so an unsteered
+    model runs without any."""
+    steerings = [steering] if steering is None or isinstance(steering, Steering) else list(steering)
+    active = [s for s in steerings if s is not None]
+    if not active:
         yield
         return
-    layers = operator.attrgetter(steering.layers_path)(hf_model)
-    edit = steering.edit()
+    if len({(s.layers_path, s.attn_out_path) for s in active}) > 1:
+        raise ValueError("the steerings of one batch must name the same layers_path and attn_out_path")
+    layers = operator.attrgetter(active[0].layers_path)(hf_model)
+    n_layers = len(layers)
     handles = []
     try:
-        for index in steering.steered_layers(len(layers)):
+        for index in sorted({i for s in active for i in s.steered_layers(n_layers)}):
+            edits = [s.edit() if s is not None and index in s.steered_layers(n_layers) else None for s in steerings]
+            edit = partial(_edit_blocks, edits)
             layer = layers[index]
-            attn_out = operator.attrgetter(steering.attn_out_path)(layer)
+            attn_out = operator.attrgetter(active[0].attn_out_path)(layer)
             handles += [
-                layer.register_forward_pre_hook(lambda module, args: (edit(args[0]), *args[1:])),
-                attn_out.register_forward_hook(lambda module, args, output: _edit_first(edit, output)),
-                layer.register_forward_hook(lambda module, args, output: edit(output)),
+                layer.register_forward_pre_hook(lambda module, args, edit=edit: (edit(args[0]), *args[1:])),
+                attn_out.register_forward_hook(lambda module, args, output, edit=edit: _edit_first(edit, output)),
+                layer.register_forward_hook(lambda module, args, output, edit=edit: edit(output)),
             ]
         yield
     finally:
