@@ -45,10 +45,12 @@ def pins(file: str) -> set[str]:
 
 def imported_modules() -> set[str]:
     """Top-level modules imported anywhere in the packages, other than the standard library and their own."""
-    names = set()
+    names, installed = set(), set(metadata.packages_distributions())
     for package in PACKAGES:
         for path in (REPO_ROOT / package).rglob("*.py"):
-            local = {p.stem for p in path.parent.glob("*.py")}  # report/index.qmd's kernel imports `blocks`
+            # report/index.qmd's kernel imports `blocks` as a top-level module; data_prep/hf.py's `datasets` is
+            # Hugging Face's, not data_prep/datasets.py
+            local = {p.stem for p in path.parent.glob("*.py")} - installed
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Import):
                     found = {alias.name.split(".")[0] for alias in node.names}
@@ -124,15 +126,19 @@ def test_the_wheel_renders_the_tiny_report_outside_the_checkout(tiny_results, ti
     site = Path(subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()"
                                 "['purelib'])"], check=True, capture_output=True, text=True).stdout.strip())
     (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # --ignore-installed: the borrowed site-packages holds this project's editable install, which pip would
+    # otherwise take as already satisfying the wheel
     subprocess.run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps",
-                    "--quiet", wheel], check=True, capture_output=True)
+                    "--ignore-installed", "--quiet", wheel], check=True, capture_output=True)
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PTR_RESULTS_DIR=str(tiny_results), PTR_DATA_DIR=str(tiny_data))
     where = subprocess.run([venv / "bin" / "python", "-c", "import report, ptr; print(report.__file__, ptr.__file__)"],
-                           cwd=elsewhere, env=env, check=True, capture_output=True, text=True).stdout.split()
+                           cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert where.returncode == 0, where.stderr[-2000:]
+    where = where.stdout.split()
     assert all(Path(p).is_relative_to(site) for p in where), where  # the wheel's code, not the checkout's
     run = subprocess.run([venv / "bin" / "ptr", "report", "--profile", "tiny"], cwd=elsewhere, env=env,
                          capture_output=True, text=True)
