@@ -5,12 +5,12 @@ resumes where it stopped; this module is the reading side. A unit's name says wh
 (``intervention__<model>__<dataset>``): UNIT_KEYS names those parts, and they become labelled dimensions along
 which the units are stacked (outer join: a unit that lacks a label is NaN there). Unit attributes that differ
 between units (e.g. ``started_at``, ``map_kind``) become variables along the same dimensions; those equal in every
-unit stay attributes, beside the cube's provenance.
+unit stay attributes (over the cube's provenance of the same name, e.g. ``started_at``).
 
-    >>> import replication.results as r
-    >>> r.load("knowledge", "tiny")                      # dims source_model, target_model, dataset, pair, layer...
-    >>> r.load("truthfulness", "tiny", kind="probes")    # one kind of unit, plain variable names
-    >>> r.load("truthfulness", "tiny")                   # every kind, variables named "<kind>.<variable>"
+    import replication.results as r
+    r.load("knowledge", "tiny")                      # dims source_model, target_model, dataset, pair, layer, ...
+    r.load("truthfulness", "tiny", kind="probes")    # one kind of unit, plain variable names
+    r.load("truthfulness", "tiny")                   # every kind: variables and attributes named "<kind>.<name>"
 
 Torch-free: analysis reads cubes through here.
 """
@@ -58,7 +58,7 @@ def load(experiment: str, profile: str, kind: str | None = None) -> xr.Dataset:
     selected = [kind] if kind is not None or len(keys) == 1 else list(keys)
     parts = []
     for k in selected:
-        units = {name: unit for name, unit in store.read_units(k).items()} if k else store.read_units()
+        units = store.read_units(k)  # k None: every unit (an experiment of one kind)
         if units:
             stacked = stack_units(units, keys[k], has_kind=k is not None)
             parts.append(stacked if len(selected) == 1 else _prefixed(stacked, k))
@@ -67,8 +67,7 @@ def load(experiment: str, profile: str, kind: str | None = None) -> xr.Dataset:
                                 f"`ptr run {experiment} --profile {profile}` first")
     merged = xr.merge(parts, join="outer", compat="no_conflicts", combine_attrs="drop")
     provenance = {k: _attr_value(v) for k, v in store.attrs.items()}
-    shared = {} if len(parts) > 1 else parts[0].attrs
-    return merged.assign_attrs({**provenance, **shared})
+    return merged.assign_attrs({**provenance, **{k: v for part in parts for k, v in part.attrs.items()}})
 
 
 def stack_units(units: dict[str, xr.Dataset], dims: tuple[str, ...], has_kind: bool = True) -> xr.Dataset:
@@ -127,11 +126,11 @@ def _attr_value(value):
 
 
 def _prefixed(dataset: xr.Dataset, kind: str) -> xr.Dataset:
-    """Variables (not dimensions' labels) renamed '<kind>.<name>', and the kind's positional dimensions with
-    them: one kind's `statement` is not another's."""
+    """Variables (not dimensions' labels) and attributes renamed '<kind>.<name>', and the kind's positional
+    dimensions with them: one kind's `statement` is not another's."""
     own_dims = [d for d in dataset.dims if d not in _SHARED_DIMS]
     names = {v: f"{kind}.{v}" for v in dataset.variables if v not in dataset.dims or v in own_dims}
-    return dataset.rename(names).drop_attrs()
+    return dataset.rename(names).drop_attrs().assign_attrs({f"{kind}.{k}": v for k, v in dataset.attrs.items()})
 
 
 # Dimensions whose labels mean the same thing in every kind of unit (a model key, a dataset name, a layer).

@@ -65,8 +65,9 @@ def test_every_kind_in_one_dataset_with_kind_named_variables(tiny_results, monke
                                                              "probes.test_dataset": "test_dataset"}).drop_vars(
         [c for c in whole["probes.accuracy"].coords if c.startswith("probes.")], errors="ignore"),
         probes["accuracy"].drop_vars([c for c in probes["accuracy"].coords if c not in probes["accuracy"].dims]))
-    # one kind's positional `statement` is not another's
+    # one kind's positional `statement` is not another's; a kind's shared attributes keep their kind
     assert {"activations.statement", "intervention.statement"} <= set(whole.dims)
+    assert whole.attrs["probes.probe_layer"] == probes.attrs["probe_layer"]
 
 
 def test_unknown_kind_and_missing_cube_are_one_line_errors(tmp_path, monkeypatch):
