@@ -157,6 +157,9 @@ def build_all(mirror: str | Path | None = None, tokenizers: dict[str, Encode] | 
         outputs, counts = unit.make(raw_paths)
         for rel, content in outputs.items():
             write_atomic(root / rel, content)
+        previous = manifest["units"].get(unit.name) or {"outputs": {}}
+        for rel in set(previous["outputs"]) - set(outputs):  # e.g. truth/cities.csv, before truth/cities/
+            (root / rel).unlink(missing_ok=True)
         manifest["units"][unit.name] = {
             "inputs": {name: source(name).sha256 for name in unit.inputs},
             "outputs": {rel: hashlib.sha256(content).hexdigest() for rel, content in outputs.items()},

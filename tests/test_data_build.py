@@ -61,6 +61,21 @@ def test_current_units_are_skipped_and_stale_ones_rebuilt(tmp_path, monkeypatch,
         "manifest.json"}
 
 
+def test_a_rebuilt_unit_removes_the_files_it_no_longer_writes(tmp_path, monkeypatch, mirror):
+    monkeypatch.setenv("PTR_DATA_DIR", str(tmp_path))
+    root = tmp_path / "processed"
+    build_all(mirror=mirror, progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = manifest["units"]["truth/cities"]
+    entry["outputs"]["truth/cities.csv"] = "0" * 64  # as an older layout wrote it
+    entry["code_version"] = "older"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "truth" / "cities.csv").write_text("statement,label\n")
+    build_all(mirror=mirror, progress=False)
+    assert not (root / "truth" / "cities.csv").exists() and len(read_truth("cities")) == 1496
+    assert "truth/cities.csv" not in json.loads((root / "manifest.json").read_text())["units"]["truth/cities"]["outputs"]
+
+
 def test_a_new_code_version_rebuilds_everything(tmp_path, monkeypatch, mirror):
     monkeypatch.setenv("PTR_DATA_DIR", str(tmp_path))
     build_all(mirror=mirror, progress=False)
