@@ -4,18 +4,22 @@ PYTHON  ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 PTR     := $(BIN)/ptr
+# Where torch comes from: empty = PyPI's torch (on Linux x86_64 a CUDA build, which also runs on CPU);
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for the smaller CPU-only build, .../whl/cu128 for CUDA 12.8.
+TORCH_INDEX ?=
 # CI and offline machines point this at a directory of byte-exact raw files (see data_prep/sources.yaml).
 export PTR_DATA_MIRROR ?= $(wildcard ../shared/data/raw)
 
 .PHONY: setup test data posttrain replicate report check-report audit bench clean
 
 setup: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first and alone, pinned with nnsight: on CPU machines this takes the CPU build, never a CUDA one.
-	$(BIN)/pip install --quiet torch==2.13.0
+	# torch first and alone, pinned with nnsight, from TORCH_INDEX when given (requirements.txt then finds it installed)
+	$(BIN)/pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -r requirements-test.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 

@@ -33,6 +33,7 @@ import xarray as xr
 from analysis.audit import load_published
 from analysis.figures import pca_arrows
 from data_prep.paths import results_dir
+from replication import results
 from replication.cubes import CubeStore, open_cube
 
 EXPERIMENT = "refusal"
@@ -139,8 +140,8 @@ def degenerate_table(tidy: pd.DataFrame) -> pd.DataFrame:
 
 def score_cube(profile_name: str) -> xr.DataArray:
     """Refusal scores as target x source x intervention x dataset (NaN where a condition is not run)."""
-    frame = scores(profile_name).set_index(["target", "source", "intervention", "dataset"])["refusal_score"]
-    return xr.DataArray.from_series(frame)
+    generation = results.load(EXPERIMENT, profile_name, kind="generation")["refusal_score"]
+    return generation.rename(target_model="target", source_model="source")
 
 
 def _role_order(tidy: pd.DataFrame, model: str) -> int:

@@ -20,7 +20,7 @@ import click
 
 from bench.run import device_name
 from replication.cubes import now
-from replication.paths import REPO_ROOT
+from data_prep.paths import REPO_ROOT
 from replication.provenance import git_commit
 
 EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")

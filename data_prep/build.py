@@ -1,5 +1,10 @@
 """Build every processed dataset into processed_dir() with manifest.json.
 
+Statement tables and refusal splits are written as Hugging Face datasets (data_prep/hf.py: parquet with typed
+features, and a dataset card). The few-shot lines and the patching pairs stay JSON: the few-shot file is four
+lines per dataset, and a pairs file is one document (how the pairs were chosen, the tokenizer's fingerprint, then
+the pairs with per-token roles) that a table would split into a file plus side metadata.
+
 Work is done in units (one truth table, the few-shot lines, the refusal splits, one dataset's pairs under one
 tokenizer). The manifest records, per unit, the sha256 of its inputs and outputs, its counts, the data_prep code
 version and (for pairs) a tokenizer fingerprint; a unit whose entry is current and whose outputs are intact is
@@ -13,9 +18,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 from tqdm import tqdm
 
-from data_prep import paths
+from data_prep import hf, paths
 from data_prep.datasets import MANIFEST
 from data_prep.pairs import Encode, build_pairs, patching_specs
 from data_prep.refusal import refusal_splits
@@ -60,7 +66,11 @@ def truth_unit(name: str) -> Unit:
         table = load_truth_csv(raw_paths[raw])
         labels = table["label"]
         counts = {"rows": len(table), "true": int((labels == 1).sum()), "false": int((labels == 0).sum())}
-        return {f"truth/{name}.csv": table.to_csv(index=False, lineterminator="\n").encode("utf-8")}, counts
+        src = source(raw)
+        description = (f"True and false statements (`{name}`), from {src.repository} at commit {src.commit}, file "
+                       f"`{src.path}`, in file order; checked and normalised by data_prep/truth.py.")
+        return hf.dataset_files(f"truth/{name}", table, hf.truth_features(list(table.columns)),
+                                f"Truth statements: {name}", description), counts
 
     return Unit(f"truth/{name}", (raw,), make)
 
@@ -76,7 +86,15 @@ def few_shot_unit() -> Unit:
 def refusal_unit() -> Unit:
     def make(raw_paths):
         splits = refusal_splits(*(raw_paths[name] for name in REFUSAL_SOURCES))
-        outputs = {f"refusal/{kind}_{split}.json": to_json(items) for (kind, split), items in splits.items()}
+        outputs = {}
+        for (kind, split), items in splits.items():
+            origin = source(REFUSAL_SOURCES[0] if kind == "harmful" else REFUSAL_SOURCES[1])
+            description = (f"The {split} split of the {kind} instructions ({origin.repository} at commit "
+                           f"{origin.commit}, `{origin.path}`), split as the original code does "
+                           f"(data_prep/refusal.py).")
+            outputs |= hf.dataset_files(f"refusal/{kind}_{split}", pd.DataFrame({"instruction": items}),
+                                        hf.instruction_features(), f"Refusal instructions: {kind}, {split}",
+                                        description)
         return outputs, {f"{kind}_{split}": len(items) for (kind, split), items in splits.items()}
 
     return Unit("refusal", REFUSAL_SOURCES, make)
@@ -138,6 +156,9 @@ def build_all(mirror: str | Path | None = None, tokenizers: dict[str, Encode] | 
         outputs, counts = unit.make(raw_paths)
         for rel, content in outputs.items():
             write_atomic(root / rel, content)
+        previous = manifest["units"].get(unit.name) or {"outputs": {}}
+        for rel in set(previous["outputs"]) - set(outputs):  # e.g. truth/cities.csv, before truth/cities/
+            (root / rel).unlink(missing_ok=True)
         manifest["units"][unit.name] = {
             "inputs": {name: source(name).sha256 for name in unit.inputs},
             "outputs": {rel: hashlib.sha256(content).hexdigest() for rel, content in outputs.items()},

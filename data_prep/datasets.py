@@ -1,4 +1,7 @@
-"""Readers: the only way other packages read processed data (built by `ptr data` / `make data`)."""
+"""Readers: the only way other packages read processed data (built by `ptr data` / `make data`).
+
+The statement tables and refusal splits are Hugging Face datasets (data_prep/hf.py); pandas reads their parquet
+files directly, which needs no datasets cache and returns the same values."""
 from __future__ import annotations
 
 import json
@@ -13,6 +16,7 @@ from data_prep.refusal import KINDS, SPLITS
 from data_prep.truth import truth_datasets
 
 MANIFEST = "manifest.json"
+DATA_FILE = "data.parquet"  # of each Hugging Face dataset directory (data_prep/hf.py)
 BUILD_HINT = "run `ptr data` (or `make data`) to build it"
 
 
@@ -35,9 +39,7 @@ def _check_name(name: str, known: list[str] | tuple[str, ...], what: str) -> Non
 def read_truth(name: str) -> pd.DataFrame:
     """Columns statement (str), label (int 0/1) (+ id for tulu_extracted), in file order."""
     _check_name(name, truth_datasets(), "truth dataset")
-    table = pd.read_csv(processed_file(f"truth/{name}.csv"), dtype=str, keep_default_na=False)
-    table["label"] = table["label"].astype(int)
-    return table
+    return pd.read_parquet(processed_file(f"truth/{name}/{DATA_FILE}"))  # label: the ClassLabel's int 0/1
 
 
 def read_few_shot(name: str) -> list[str]:
@@ -73,7 +75,7 @@ def read_refusal(kind: str, split: str) -> list[str]:
     """kind harmful (AdvBench) / harmless (Alpaca), split train / test."""
     _check_name(kind, KINDS, "refusal kind")
     _check_name(split, SPLITS, "refusal split")
-    return json.loads(processed_file(f"refusal/{kind}_{split}.json").read_text(encoding="utf-8"))
+    return pd.read_parquet(processed_file(f"refusal/{kind}_{split}/{DATA_FILE}"))["instruction"].tolist()
 
 
 def instructions(kind: str, split: str, n: int) -> list[str]:

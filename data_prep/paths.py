@@ -7,6 +7,12 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def work_root() -> Path:
+    """Where data/, cache/ and results/ go by default: the checkout when running from one, else (an installed
+    wheel, whose REPO_ROOT is site-packages) the current directory."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").is_file() else Path.cwd()
+
+
 def _dir(env_var: str, default: Path) -> Path:
     value = os.environ.get(env_var)
     return Path(value).expanduser().resolve() if value else default
@@ -14,7 +20,7 @@ def _dir(env_var: str, default: Path) -> Path:
 
 def data_dir() -> Path:
     """Parent of ``raw/`` (download cache) and ``processed/`` (built datasets)."""
-    return _dir("PTR_DATA_DIR", REPO_ROOT / "data")
+    return _dir("PTR_DATA_DIR", work_root() / "data")
 
 
 def raw_dir() -> Path:
@@ -33,11 +39,11 @@ def mirror_dir() -> Path | None:
 
 def cache_dir() -> Path:
     """Converted and post-trained model directories."""
-    return _dir("PTR_CACHE_DIR", REPO_ROOT / "cache")
+    return _dir("PTR_CACHE_DIR", work_root() / "cache")
 
 
 def results_dir(profile: str) -> Path:
-    return _dir("PTR_RESULTS_DIR", REPO_ROOT / "results") / profile
+    return _dir("PTR_RESULTS_DIR", work_root() / "results") / profile
 
 
 def user_model_table() -> Path | None:

@@ -15,7 +15,7 @@ import yaml
 
 from data_prep.paths import REPO_ROOT
 
-DEVIATIONS_YAML = REPO_ROOT / "docs" / "deviations.yaml"
+DEVIATIONS_YAML = Path(__file__).with_name("deviations.yaml")  # a link to docs/deviations.yaml: the wheel carries it
 DEVIATIONS_MD = REPO_ROOT / "docs" / "DEVIATIONS.md"
 EXPERIMENTS = ("data", "knowledge", "truthfulness", "refusal", "confidence", "audit")
 PENDING = "(pending)"  # the test of a row whose change is still open

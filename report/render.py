@@ -32,9 +32,11 @@ import yaml
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from data_prep.paths import work_root
+
 REPORT_DIR = Path(__file__).resolve().parent
 DOCUMENT = REPORT_DIR / "index.qmd"
-OUTPUT_DIR = REPORT_DIR / "_output"
+OUTPUT_DIR = work_root() / "report" / "_output"  # report/_output in a checkout; under the current directory when installed
 FORMATS = ("html", "pdf")
 OPTIONS = {"label", "fig-cap", "tbl-cap", "echo"}
 PRIORITY = {

@@ -46,11 +46,11 @@ def test_current_units_are_skipped_and_stale_ones_rebuilt(tmp_path, monkeypatch,
     build_all(mirror=mirror, tokenizers={"bytes": byte_encode}, progress=False)
     assert mtimes(root) == first  # nothing rewritten, not even the manifest
 
-    (root / "truth" / "cities.csv").write_text("statement,label\n")  # a damaged output is rebuilt
+    (root / "truth" / "cities" / "data.parquet").write_bytes(b"PAR1")  # a damaged output is rebuilt
     build_all(mirror=mirror, tokenizers={"bytes": byte_encode}, progress=False)
     assert len(read_truth("cities")) == 1496
     changed = {k for k, v in mtimes(root).items() if first[k] != v}
-    assert changed == {"truth/cities.csv", "manifest.json"}
+    assert changed == {"truth/cities/data.parquet", "truth/cities/README.md", "manifest.json"}
 
     shifted = lambda text: [b + 1 for b in byte_encode(text)]  # another tokenizer under the same key
     before = mtimes(root)
@@ -59,6 +59,21 @@ def test_current_units_are_skipped_and_stale_ones_rebuilt(tmp_path, monkeypatch,
     assert changed == {f"pairs/bytes/{d}.json" for d in ("cities", "neg_cities", "larger_than", "smaller_than",
                                                          "sp_en_trans", "neg_sp_en_trans", "tulu_extracted")} | {
         "manifest.json"}
+
+
+def test_a_rebuilt_unit_removes_the_files_it_no_longer_writes(tmp_path, monkeypatch, mirror):
+    monkeypatch.setenv("PTR_DATA_DIR", str(tmp_path))
+    root = tmp_path / "processed"
+    build_all(mirror=mirror, progress=False)
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = manifest["units"]["truth/cities"]
+    entry["outputs"]["truth/cities.csv"] = "0" * 64  # as an older layout wrote it
+    entry["code_version"] = "older"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "truth" / "cities.csv").write_text("statement,label\n")
+    build_all(mirror=mirror, progress=False)
+    assert not (root / "truth" / "cities.csv").exists() and len(read_truth("cities")) == 1496
+    assert "truth/cities.csv" not in json.loads((root / "manifest.json").read_text())["units"]["truth/cities"]["outputs"]
 
 
 def test_a_new_code_version_rebuilds_everything(tmp_path, monkeypatch, mirror):
@@ -86,3 +101,28 @@ def test_bad_raw_file_stops_the_build_with_its_name(tmp_path, monkeypatch, mirro
     cached.write_text("statement,label\nx,1\n")
     with pytest.raises(DataError, match="facts.csv.*delete the cached file"):
         build_all(mirror=mirror, progress=False)
+
+
+def test_processed_tables_are_hugging_face_datasets_anyone_can_load(processed_data, mirror, tmp_path):
+    """load_dataset("parquet") without this package gives the typed features (the truth label a ClassLabel) and
+    the same rows as our readers and as the raw files."""
+    import datasets
+    import pandas as pd
+
+    from data_prep.datasets import read_refusal
+    from data_prep.truth import load_truth_csv
+
+    root = processed_data / "processed"
+    for name in ("cities", "tulu_extracted"):
+        loaded = datasets.load_dataset("parquet", data_files=str(root / "truth" / name / "data.parquet"),
+                                       cache_dir=str(tmp_path / "cache"))["train"]
+        assert loaded.features["label"] == datasets.ClassLabel(names=["false", "true"])
+        raw = load_truth_csv(mirror / "truth" / f"{name}.csv")
+        assert loaded.to_pandas().to_dict("list") == raw.to_dict("list") == read_truth(name).to_dict("list")
+        card = (root / "truth" / name / "README.md").read_text()
+        assert card.startswith("---\nconfigs:") and f"Rows: {len(raw)}." in card and source(f"truth/{name}.csv").repository in card
+    assert read_truth("cities")["label"].dtype == "int64"
+    harmful = datasets.load_dataset(str(root / "refusal" / "harmful_test"), cache_dir=str(tmp_path / "cache"))
+    assert harmful["train"]["instruction"] == read_refusal("harmful", "test")
+    assert isinstance(read_refusal("harmless", "train")[0], str)
+    assert pd.read_parquet(root / "refusal" / "harmless_train" / "data.parquet").shape == (25058, 1)

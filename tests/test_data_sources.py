@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import hashlib
-import urllib.error
-import urllib.request
 
 import pytest
+import requests
 
 from data_prep import sources
 from data_prep.errors import DataError
@@ -90,14 +89,14 @@ def test_failed_download_points_to_the_mirror(tmp_path, monkeypatch):
     monkeypatch.setenv("PTR_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("PTR_DATA_MIRROR", raising=False)
 
-    def offline(url, timeout):
-        raise urllib.error.URLError("offline")
+    def offline(url, **kwargs):
+        raise requests.exceptions.ConnectionError("offline")
 
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(requests, "get", offline)
     with pytest.raises(DataError, match="PTR_DATA_MIRROR") as err:
         fetch("paper_artifacts/neuron_analysis_results.json")
     assert "full 40-hex hash" in str(err.value)
-    assert not list((tmp_path / "data" / "raw").rglob("*.partial"))
+    assert not [p for p in (tmp_path / "data" / "raw").rglob("*") if p.is_file()]  # no partial file left
 
 
 def test_unknown_raw_file_lists_the_known_ones():
@@ -117,3 +116,36 @@ def test_sources_yaml_typo_is_an_error_naming_the_key(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         source_table.cache_clear()
+
+
+def test_download_is_verified_before_it_is_cached(tmp_path, monkeypatch, mirror):
+    """The HTTP path (pooch): a download that is not the pinned file is refused and left nowhere; the pinned
+    bytes land in the raw cache."""
+    monkeypatch.setenv("PTR_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("PTR_DATA_MIRROR", raising=False)
+    original = (mirror / "truth" / "animal_class.csv").read_bytes()
+    served = {"bytes": original.replace(b"salmon", b"salmom")}
+    requested = []
+
+    class Response:
+        headers = {}
+
+        def raise_for_status(self):
+            pass
+
+        def iter_content(self, chunk_size):
+            yield served["bytes"]
+
+    def get(url, **kwargs):
+        requested.append(url)
+        return Response()
+
+    monkeypatch.setattr(requests, "get", get)
+    target = tmp_path / "data" / "raw" / "truth" / "animal_class.csv"
+    with pytest.raises(DataError, match="is not the pinned file") as err:
+        fetch("truth/animal_class.csv")
+    assert hashlib.sha256(served["bytes"]).hexdigest() in str(err.value)
+    assert not [p for p in target.parent.iterdir()]
+    served["bytes"] = original
+    assert fetch("truth/animal_class.csv") == target and target.read_bytes() == original
+    assert requested == [source("truth/animal_class.csv").url] * 2
