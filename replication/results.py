@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from replication.cubes import open_cube
 from data_prep.paths import results_dir
+from replication.cubes import open_cube
 
 # Per experiment: unit kind -> the dimensions its name's parts label, in order. Kind None: names without a kind
 # prefix (every knowledge unit is `<source>__<target>__<dataset>`).
