@@ -10,7 +10,6 @@ results/bench/<device>-<profile>-replicate.{json,md}; a step that fails stops th
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,9 +17,9 @@ import time
 
 import click
 
-from bench.run import device_name
-from replication.cubes import now
+from bench.run import device_name, write_results
 from data_prep.paths import REPO_ROOT
+from replication.cubes import now
 from replication.provenance import git_commit
 
 EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")
@@ -79,13 +78,7 @@ def main(profile: str, fresh: bool, steps: str) -> None:
         results["steps"].append(time_step(step, profile, fresh))
         if "error" in results["steps"][-1]:
             break
-    out = REPO_ROOT / "results" / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{results['device']}-{profile}-replicate{'-fresh' if fresh else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    stem.with_suffix(".md").write_text(markdown(results))
-    click.echo(markdown(results))
-    click.echo(f"written: {stem}.json, {stem}.md")
+    write_results(results, f"{results['device']}-{profile}-replicate{'-fresh' if fresh else ''}", markdown(results))
 
 
 if __name__ == "__main__":

@@ -86,12 +86,17 @@ def main(profile: str, only: str) -> None:
     for experiment in only.split(","):
         click.echo(f"bench {experiment} ({profile}) ...")
         results["experiments"][experiment] = run_one(experiment, BENCH_ARGS[experiment][profile])
+    write_results(results, f"{results['device']}-{profile}", markdown(results))
+
+
+def write_results(results: dict, name: str, table: str) -> None:
+    """results/bench/<name>.json and .md (the table), and the table on the terminal."""
     out = REPO_ROOT / "results" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{results['device']}-{profile}"
+    stem = out / name
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    stem.with_suffix(".md").write_text(markdown(results))
-    click.echo(markdown(results))
+    stem.with_suffix(".md").write_text(table)
+    click.echo(table)
     click.echo(f"written: {stem}.json, {stem}.md")
 
 
