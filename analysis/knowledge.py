@@ -23,8 +23,7 @@ from scipy.stats import pearsonr
 
 from analysis.audit import load_published
 from replication.config import load_profile
-from replication.cubes import open_cube
-from replication.paths import results_dir
+from replication.cubes import profile_cube
 
 EXPERIMENT = "knowledge"
 PUBLISHED = "knowledge_causal_tracing"
@@ -130,7 +129,7 @@ def figure1a_numbers(base: Map, post: Map) -> dict[str, float]:
 
 def unit_maps(profile_name: str) -> dict[tuple[str, str, str], Map]:
     """Every finished unit's map, keyed (source model, target model, dataset)."""
-    units = open_cube(results_dir(profile_name) / f"{EXPERIMENT}.zarr").read_units()
+    units = profile_cube(profile_name, EXPERIMENT).read_units()
     return {(u["source_model"].item(), u["target_model"].item(), u["dataset"].item()): unit_map(u)
             for u in units.values()}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from replication.progress import progress_bar
 from transformers import DynamicCache
 
 from replication.steering import Steering, steered
@@ -84,7 +84,7 @@ def greedy_generate(model, prompts: list[str], *, max_new_tokens: int = 16, batc
     completions: list[str | None] = [None] * len(prompts)
     device = next(hf_model.parameters()).device
     with steered(hf_model, steering):
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
+        for start in progress_bar(range(0, len(prompts), batch_size), desc="generate", unit="batch", enabled=progress):
             rows = order[start:start + batch_size]
             batch = tokenizer([prompts[i] for i in rows], return_tensors="pt", padding=True,
                               padding_side="left").to(device)

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
+from replication.progress import progress_bar
 
 from data_prep.datasets import read_refusal
 from replication.config import ModelSpec, Profile
@@ -106,8 +106,8 @@ def resid_pre_activations(model, texts: Sequence[str], positions: Sequence[int],
     hf_model = hf_module(model)
     device = next(hf_model.parameters()).device
     result = None
-    for batch in tqdm(length_batches(model.tokenizer, texts, batch_size), desc="activations", leave=False,
-                      disable=not progress):
+    for batch in progress_bar(length_batches(model.tokenizer, texts, batch_size), desc="activations", leave=False,
+                              enabled=progress):
         input_ids, attention_mask = (t.to(device) for t in encode(model.tokenizer, [texts[i] for i in batch]))
         states = hf_model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
                           position_ids=position_ids_for(attention_mask), output_hidden_states=True).hidden_states
@@ -304,7 +304,7 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
     train = {kind: instructions(kind, "train", settings.n_train) for kind in KINDS}
     test = {kind: instructions(kind, "test", settings.n_test) for kind in KINDS}
 
-    for key in tqdm(keys, desc="refusal directions", disable=not progress):
+    for key in progress_bar(keys, desc="refusal directions", enabled=progress):
         if not store.has_unit(f"direction__{key}"):
             spec = profile.model_spec(key)
             model = load_model(spec, dtype=model_dtype(profile, spec), device=profile.device)
@@ -318,13 +318,13 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
             members = [profile.families[family].base, *profile.families[family].post]
             store.write_unit(f"family__{family}", family_unit({key: units[key] for key in members}))
 
-    for key in tqdm(keys, desc="refusal steering", disable=not progress):
+    for key in progress_bar(keys, desc="refusal steering", enabled=progress):
         todo = [c for c in conditions(profile, key) if not store.has_unit(c.unit)]
         if not todo:
             continue
         spec = profile.model_spec(key)
         model = load_model(spec, dtype=model_dtype(profile, spec), device=profile.device)
-        for condition in tqdm(todo, desc=key, leave=False, disable=not progress):
+        for condition in progress_bar(todo, desc=key, leave=False, enabled=progress):
             direction = None if condition.source == NONE else chosen_direction(units[condition.source])
             steer = condition_steering(profile, condition, direction)
             unit = generation_unit(model, spec, test[condition.dataset], steer, batch_size=batch_size,
@@ -383,8 +383,8 @@ def sweep_model(model, spec: ModelSpec, train: dict[str, list[str]], validation:
     def effects(candidates):
         rates = np.array([[score("harmful", "ablation", layer, p),
                            score("harmless", "addition", layer, p, norms[layer, p].item() / 3)]
-                          for layer, p in tqdm(candidates, desc=f"sweep {spec.key}", leave=False,
-                                               disable=not progress)])
+                          for layer, p in progress_bar(candidates, desc=f"sweep {spec.key}", leave=False,
+                                                       enabled=progress)])
         return rates, (baseline[0] - rates[:, 0]) + (rates[:, 1] - baseline[1])
 
     baseline = np.array([score(kind) for kind in KINDS])

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 import xarray as xr
 from sklearn.linear_model import LogisticRegression
-from tqdm.auto import tqdm
+from replication.progress import progress_bar
 
 from data_prep.datasets import read_truth
 from data_prep.prompts import SUFFIX, intervention_prompt, intervention_statements
@@ -104,7 +104,7 @@ def last_token_activations(model, layers: Sequence, statements: Sequence[str], *
     token (generate_acts.py; no prompt, the statement alone)."""
     result = None
     batches = length_batches(model.tokenizer, statements, batch_size)
-    for batch in tqdm(batches, desc="activations", disable=not progress, leave=False):
+    for batch in progress_bar(batches, desc="activations", enabled=progress, leave=False):
         input_ids, attention_mask = encode(model.tokenizer, [statements[i] for i in batch])
         with torch.inference_mode(), model.trace(input_ids, attention_mask=attention_mask) as tracer:
             acts = torch.stack([layer.output[:, -1, :] for layer in layers], dim=1).save()
@@ -147,8 +147,8 @@ def true_false_probabilities(model, layers: Sequence, prompts: Sequence[str], *,
     suffix = torch.tensor(suffix_token_ids(tokenizer))
     positions = statement_end_positions(tokenizer)
     probabilities = torch.empty(len(prompts), 2)
-    for batch in tqdm(length_batches(tokenizer, prompts, batch_size), desc="prompts", disable=not progress,
-                      leave=False):
+    for batch in progress_bar(length_batches(tokenizer, prompts, batch_size), desc="prompts", enabled=progress,
+                              leave=False):
         input_ids, attention_mask = encode(tokenizer, [prompts[i] for i in batch])
         if not (input_ids[:, -len(suffix):] == suffix).all():
             raise ValueError(f"a prompt does not end in the tokens of {SUFFIX!r}; the edit positions would be wrong")
@@ -267,7 +267,7 @@ def activations_unit(model, layers: Sequence, tables: dict[str, pd.DataFrame], p
     """Class means and truth directions per dataset and layer, and the probe-layer activations of the probe
     datasets; all centred per dataset."""
     means, probe_acts, probe_rows = [], [], []
-    for name, table in tqdm(tables.items(), desc="datasets", disable=not progress, leave=False):
+    for name, table in progress_bar(tables.items(), desc="datasets", enabled=progress, leave=False):
         acts = centre(last_token_activations(model, layers, list(table["statement"]), batch_size=batch_size,
                                              progress=progress))
         means.append(class_means(acts, table["label"]))
@@ -439,7 +439,7 @@ def write_interventions(store: CubeStore, profile: Profile, spec: ModelSpec, uni
     """The intervention units of one target model (loaded once here), one per (test dataset, its train datasets)."""
     settings = profile.experiment(EXPERIMENT)
     model, layers = load(profile, spec)
-    for test, train in tqdm(splits, desc=f"interventions on {spec.key}", disable=not progress, leave=False):
+    for test, train in progress_bar(splits, desc=f"interventions on {spec.key}", enabled=progress, leave=False):
         started = now()
         store.write_unit(f"intervention__{spec.key}__{test}", intervention_unit(
             model, layers, intervention_table(test, settings.max_intervention_statements or settings.max_statements),
@@ -458,7 +458,7 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
     datasets = settings.datasets
     tables = {name: probe_statements(name, settings.max_statements)
               for name in dict.fromkeys([*datasets, *settings.similarity_datasets])}
-    for family in tqdm(profile.family_names(EXPERIMENT), desc="families", disable=not progress):
+    for family in progress_bar(profile.family_names(EXPERIMENT), desc="families", enabled=progress):
         keys = [profile.families[family].base, *profile.families[family].post]
         intervene_layer, probe_layer = family_layers([specs[k] for k in keys])
         for key in keys:
@@ -531,7 +531,7 @@ def sweep_unit(model, layers: Sequence, datasets: Sequence[str], *, max_statemen
     ends = np.argsort(-accuracy.mean(axis=1), kind="stable")[:n_probe_layers]
     candidates = [(int(end) - width + 1, int(end)) for end in ends for width in widths if end - width + 1 >= 0]
     effects = np.empty((len(candidates), len(datasets)))
-    for t, (test, train) in enumerate(tqdm(leave_one_out(datasets), desc="sweep", disable=not progress)):
+    for t, (test, train) in enumerate(progress_bar(leave_one_out(datasets), desc="sweep", enabled=progress)):
         table = intervention_table(test, max_intervention_statements)
         prompts, test_labels = list(table["prompt"]), table["label"].to_numpy()
         before = mean_p_diff(true_false_probabilities(model, layers, prompts, batch_size=batch_size), test_labels)

@@ -30,6 +30,7 @@ import typst
 import yaml
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from traitlets.config import Config
 
 REPORT_DIR = Path(__file__).resolve().parent
 DOCUMENT = REPORT_DIR / "index.qmd"
@@ -114,15 +115,18 @@ def to_notebook(blocks: list[str | Chunk]) -> nbformat.NotebookNode:
 
 def execute(notebook: nbformat.NotebookNode, profile: str) -> nbformat.NotebookNode:
     """Run every cell in a kernel of this interpreter (jupyter_client runs kernelspec 'python' as sys.executable)."""
-    client = NotebookClient(notebook, kernel_name="python3", timeout=1800,
-                            resources={"metadata": {"path": str(REPORT_DIR)}})
-    try:
-        client.execute(env={**os.environ, "PTR_PROFILE": profile})
-    except CellExecutionError as err:
-        cell = next((c for c in notebook.cells if any(o.get("output_type") == "error" for o in c.get("outputs", []))),
-                    None)
-        where = f"the chunk at line {cell.metadata['line']} of {DOCUMENT.name}" if cell else DOCUMENT.name
-        raise RuntimeError(f"executing the report failed in {where}:\n{err}") from None
+    with tempfile.TemporaryDirectory() as sockets:
+        # IPC sockets in a private directory, not TCP: nothing to eavesdrop on, and no kernel warning saying so
+        client = NotebookClient(notebook, kernel_name="python3", timeout=1800,
+                                resources={"metadata": {"path": str(REPORT_DIR)}},
+                                config=Config({"KernelManager": {"transport": "ipc", "ip": f"{sockets}/kernel"}}))
+        try:
+            client.execute(env={**os.environ, "PTR_PROFILE": profile})
+        except CellExecutionError as err:
+            cell = next((c for c in notebook.cells
+                         if any(o.get("output_type") == "error" for o in c.get("outputs", []))), None)
+            where = f"the chunk at line {cell.metadata['line']} of {DOCUMENT.name}" if cell else DOCUMENT.name
+            raise RuntimeError(f"executing the report failed in {where}:\n{err}") from None
     return notebook
 
 
