@@ -163,8 +163,8 @@ def run(experiment: str, profile: str, fresh: bool = False, dry_run: bool = Fals
         click.echo(f"memory plan ({device}): {line}")
     if dry_run:
         return
-    check_fits(resident, names, device)
     check_available(prof, names)  # every missing model at once, before hours of the others' work
+    check_fits(resident, names, device)
     for name in names:
         start = time.time()
         if fresh and (kept := set_aside(ref.results / f"{name}.zarr")):

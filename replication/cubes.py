@@ -34,7 +34,7 @@ UNITS_GROUP = "units"
 COMPLETE_ATTR = "ptr_unit_complete"
 HASH_ATTR = "experiment_hash"  # root attr: the configuration the finished units were computed with
 FINISHED_ATTR = "finished_at"  # root attr: set when a run has every unit; cleared (None) while a run is going on
-LOCK_WAIT_S = 10.0  # how long a second writer waits for the cube's lock before giving up
+LOCK_WAIT_S = 5.0  # how long a second writer waits for the cube's lock before giving up
 _UNIT_NAME = re.compile(r"^[A-Za-z0-9_.+=\-]+$")
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class CubeStore:
         unit.attrs.put({**dict(unit.attrs), COMPLETE_ATTR: True})
         seconds = (dt.datetime.fromisoformat(dataset.attrs["finished_at"])
                    - dt.datetime.fromisoformat(dataset.attrs["started_at"])).total_seconds()
-        log.info("%s: unit %s done (started %s, %.0f s)", self.path.name, name, dataset.attrs["started_at"], seconds)
+        log.info("%s: unit %s done (started %s, %.1f s)", self.path.name, name, dataset.attrs["started_at"], seconds)
 
     def unit_attrs(self, name: str) -> dict[str, Any]:
         """A finished unit's attrs (its own metadata and start/finish times) without loading its arrays."""

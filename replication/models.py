@@ -103,6 +103,7 @@ def pair_tokenizers(profile) -> dict[str, Callable[[str], list[int]]]:
     stand-in for that vocabulary is used instead (Llama-3 BPE via quicktok, Mistral v3 SentencePiece), with a
     warning naming the substitution.
     """
+    from data_prep.errors import DataError
     from data_prep.tokenizers import STANDIN_TOKENIZERS, standin_encoder
 
     encoders = {}
@@ -118,7 +119,11 @@ def pair_tokenizers(profile) -> dict[str, Callable[[str], list[int]]]:
                 raise
             warnings.warn(f"{spec.hf_id}'s tokenizer is not available here; building {spec.tokenizer_key} pairs "
                           "with data_prep's stand-in for the same vocabulary")
-            encoders[spec.tokenizer_key] = standin_encoder(spec.tokenizer_key)
+            try:
+                encoders[spec.tokenizer_key] = standin_encoder(spec.tokenizer_key)
+            except DataError as error:  # neither the tokenizer nor its stand-in's file: either fix will do
+                raise DataError(f"{error} Or fetch the tokenizer itself (no weights): "
+                                f"`{fetch_command(spec, tokenizer_only=True)}`.") from None
     return encoders
 
 
