@@ -39,8 +39,9 @@ def domain_errors() -> tuple[type[Exception], ...]:
 def one_line(error: Exception) -> str | None:
     """The message a domain error ends a command with, or None for an error that is a bug (traceback shown)."""
     if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) and error.errno in DISK_ERRNOS:
-        return (f"cannot write {error.filename}: {error.strerror}. Check the free space and permissions of that "
-                f"folder (results: PTR_RESULTS_DIR, data: PTR_DATA_DIR, models: PTR_CACHE_DIR).")
+        where = f" {error.filename}" if error.filename else ""
+        return (f"cannot write{where}: {error.strerror}. Check the free space and permissions of that folder "
+                f"(results: PTR_RESULTS_DIR, data: PTR_DATA_DIR, models: PTR_CACHE_DIR).")
     if isinstance(error, FileNotFoundError) and error.errno is None:  # raised with a message of the package's own
         return str(error)
     if isinstance(error, domain_errors()):

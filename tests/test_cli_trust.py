@@ -173,6 +173,15 @@ def test_a_config_error_is_one_line_and_debug_shows_the_traceback(tmp_path):
         assert shown.returncode == 1 and "Traceback" in shown.stderr and "ConfigError" in shown.stderr
 
 
+def test_a_results_folder_that_cannot_be_written_is_one_line(tiny_data):
+    unwritable = Path("/sys/ptr-results")  # sysfs refuses new folders (EPERM, or EROFS in a container), even to root
+    result = ptr("run", "confidence", "--profile", "tiny", PTR_DATA_DIR=str(tiny_data),
+                 PTR_RESULTS_DIR=str(unwritable))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: cannot write {unwritable}") and "PTR_RESULTS_DIR" in line
+
+
 def test_missing_models_offline_are_all_listed_at_once_with_their_fetch_commands(tmp_path):
     from replication.config import load_profile
 
