@@ -21,12 +21,13 @@ def progress_bar(iterable=None, *, enabled: bool = True, **kwargs) -> tqdm:
     return tqdm(iterable, disable=None if enabled else True, **kwargs)
 
 
-class _TqdmHandler(logging.StreamHandler):
-    """Log lines written through tqdm.write, so that on a terminal they print above the bars, not through them."""
+class _TqdmHandler(logging.Handler):
+    """Log lines written through tqdm.write to the current sys.stderr, so that on a terminal they print above the
+    bars, not through them."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # logging's contract: a failing handler reports, never raises
             self.handleError(record)
 
@@ -44,12 +45,10 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def quiet_third_party(debug: bool = False) -> None:
     """Silence what transformers and huggingface_hub print that says nothing to the user: weight-loading and
-    download bars and advisory warnings; off a terminal, any other library's tqdm bar too. With `debug`,
-    everything is kept. Takes effect for libraries imported afterwards (it sets their environment variables)."""
+    download bars, and advisory warnings. With `debug`, everything is kept. Takes effect for libraries imported
+    afterwards (it sets their environment variables)."""
     if debug:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' "Loading weights" bars
-    if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_DISABLE", "1")  # bars of libraries that pass no disable= of their own
