@@ -223,12 +223,11 @@ def analyze(profile: str) -> None:
               help="auto = Quarto when it is on PATH, else the built-in fallback renderer (nbclient+pandoc+typst).")
 def report(profile: str, formats: str, engine: str) -> None:
     """Render the report (HTML and PDF) from the profile's cubes to report/_output/<profile>/."""
-    from report.render import OUTPUT_DIR, render_auto
+    from report.render import render_auto
 
     ref, _ = resolve(profile)
     require_cubes(ref)
-    paths = render_auto(ref.arg, tuple(f.strip() for f in formats.split(",")), out_dir=OUTPUT_DIR / ref.name,
-                        engine=engine)
+    paths = render_auto(ref.arg, tuple(f.strip() for f in formats.split(",")), engine=engine)
     for fmt, path in paths.items():
         click.echo(f"{fmt}: {path}")
     return paths

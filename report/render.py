@@ -32,6 +32,8 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from traitlets.config import Config
 
+from replication.config import resolve_profile
+
 REPORT_DIR = Path(__file__).resolve().parent
 DOCUMENT = REPORT_DIR / "index.qmd"
 OUTPUT_DIR = REPORT_DIR / "_output"
@@ -223,7 +225,7 @@ def render(profile: str, formats=FORMATS, out_dir: Path | None = None) -> dict[s
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown report formats {sorted(unknown)}; choose from {list(FORMATS)}")
-    out_dir = Path(out_dir) if out_dir else OUTPUT_DIR / profile
+    out_dir = Path(out_dir) if out_dir else OUTPUT_DIR / resolve_profile(profile).name  # a name or a YAML path
     out_dir.mkdir(parents=True, exist_ok=True)
     front, blocks = parse_qmd(DOCUMENT.read_text(), DOCUMENT.name)
     notebook = execute(to_notebook(blocks), profile)
@@ -253,7 +255,7 @@ def render_with_quarto(profile: str, formats=FORMATS, out_dir: Path | None = Non
     quarto = shutil.which("quarto")
     if quarto is None:
         raise FileNotFoundError("quarto is not on PATH; install it (https://quarto.org) or use render()")
-    out_dir = Path(out_dir) if out_dir else OUTPUT_DIR / profile
+    out_dir = Path(out_dir) if out_dir else OUTPUT_DIR / resolve_profile(profile).name  # a name or a YAML path
     to = ",".join("typst" if fmt == "pdf" else fmt for fmt in formats)
     env = {**os.environ, "PTR_PROFILE": profile, "QUARTO_PYTHON": sys.executable}
     subprocess.run([quarto, "render", str(REPORT_DIR), "--to", to, "--output-dir", str(out_dir.resolve())],
