@@ -55,9 +55,8 @@ import pandas as pd
 import yaml
 
 from analysis.figures import markdown_table
-from data_prep.paths import results_dir
-from replication.config import ConfigError, load_model_table, load_profile
-from replication.cubes import open_cube
+from replication.config import ConfigError, load_model_table, load_profile, resolve_profile
+from replication.cubes import open_cube, profile_cube
 
 PUBLISHED_FILE = Path(__file__).with_name("published_numbers.yaml")
 EXPERIMENTS = ("knowledge", "truthfulness", "refusal", "confidence")
@@ -255,14 +254,25 @@ def summary(table: pd.DataFrame) -> dict[str, int]:
     return {status: int(counts[status]) for status in order if status in counts}
 
 
+def cube_states(profile_name: str) -> dict[str, str]:
+    """Each experiment's cube: 'missing', 'unfinished' (a run going on or interrupted) or 'finished'."""
+    states = {}
+    for experiment in EXPERIMENTS:
+        cube = resolve_profile(profile_name).results / f"{experiment}.zarr"
+        states[experiment] = ("missing" if not (cube / "zarr.json").exists()
+                              else "finished" if open_cube(cube).finished else "unfinished")
+    return states
+
+
 def collect_measured(profile_name: str) -> dict[str, float]:
     """Measured numbers from every experiment module whose module and finished cube exist (a run still in
-    progress, or interrupted, has no `finished_at` in its root attrs and contributes nothing yet)."""
+    progress, or interrupted, has no `finished_at` in its root attrs and contributes nothing yet). A cube computed
+    under another configuration than the profile's is refused (replication.cubes.StaleCubeError)."""
     measured: dict[str, float] = {}
-    for experiment in EXPERIMENTS:
-        cube = results_dir(profile_name) / f"{experiment}.zarr"
-        if not (cube / "zarr.json").exists() or not open_cube(cube).attrs.get("finished_at"):
+    for experiment, state in cube_states(profile_name).items():
+        if state != "finished":
             continue
+        profile_cube(profile_name, experiment)  # refuses a stale cube
         name = f"analysis.{experiment}"
         try:
             module = importlib.import_module(name)
@@ -318,7 +328,7 @@ def to_markdown(table: pd.DataFrame, profile_name: str, published: Published | N
 def write_audit(table: pd.DataFrame, profile_name: str, directory: Path | None = None) -> dict[str, Path]:
     """Write ``audit.json`` and ``audit.md`` (default directory: the profile's results directory)."""
     published = load_published()
-    directory = Path(directory) if directory else results_dir(profile_name)
+    directory = Path(directory) if directory else resolve_profile(profile_name).results
     directory.mkdir(parents=True, exist_ok=True)
     document = {
         "profile": profile_name,
@@ -337,9 +347,14 @@ def write_audit(table: pd.DataFrame, profile_name: str, directory: Path | None =
     return paths
 
 
+def exit_code(table: pd.DataFrame, strict: bool) -> int:
+    """1 when `strict` and a check failed, a claim does not hold or a published number is not measured."""
+    unmeasured = (table["kind"] == "published") & (table["status"] == "not measured")
+    return int(strict and (table["status"].isin(FAILURES).any() or unmeasured.any()))
+
+
 def run_audit(profile_name: str, strict: bool = False) -> tuple[pd.DataFrame, int]:
-    """Collect, audit and write; exit code 1 only when `strict` and a check failed or a claim does not hold."""
+    """Collect, audit and write; the exit code of `exit_code`."""
     table = audit(profile_name, collect_measured(profile_name))
     write_audit(table, profile_name)
-    failed = table["status"].isin(FAILURES).any()
-    return table, int(strict and failed)
+    return table, exit_code(table, strict)

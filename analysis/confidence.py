@@ -29,8 +29,7 @@ import pandas as pd
 import yaml
 
 from analysis.audit import PUBLISHED_FILE, load_published
-from data_prep.paths import results_dir
-from replication.cubes import CubeStore, open_cube
+from replication.cubes import CubeStore, profile_cube
 
 EXPERIMENT = "confidence"
 PAPER_WU = "tl"  # the W_U variant of the paper's selection (replication.experiments.confidence.PAPER_WU)
@@ -41,7 +40,7 @@ FIGURE1D_BASE = "llama-3.1-8b"  # the family of the paper's Venn diagram (Figure
 
 
 def cube(profile_name: str) -> CubeStore:
-    return open_cube(results_dir(profile_name) / f"{EXPERIMENT}.zarr")
+    return profile_cube(profile_name, EXPERIMENT)
 
 
 def _pairs(store: CubeStore) -> pd.DataFrame:

@@ -24,10 +24,9 @@ import yaml
 from scipy.stats import pearsonr
 
 from analysis.audit import PUBLISHED_FILE, load_published
-from data_prep.paths import results_dir
 from data_prep.sources import fetch
 from replication.config import load_profile
-from replication.cubes import open_cube
+from replication.cubes import profile_cube
 
 EXPERIMENT = "knowledge"
 PUBLISHED = "knowledge_causal_tracing"
@@ -147,7 +146,7 @@ def paper_map() -> tuple[Map, dict]:
 
 def unit_maps(profile_name: str) -> dict[tuple[str, str, str], Map]:
     """Every finished unit's map, keyed (source model, target model, dataset)."""
-    units = open_cube(results_dir(profile_name) / f"{EXPERIMENT}.zarr").read_units()
+    units = profile_cube(profile_name, EXPERIMENT).read_units()
     return {(u["source_model"].item(), u["target_model"].item(), u["dataset"].item()): unit_map(u)
             for u in units.values()}
 

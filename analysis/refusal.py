@@ -32,9 +32,8 @@ import xarray as xr
 
 from analysis.audit import load_published
 from analysis.figures import pca_arrows
-from data_prep.paths import results_dir
 from replication import results
-from replication.cubes import CubeStore, open_cube
+from replication.cubes import CubeStore, profile_cube
 
 EXPERIMENT = "refusal"
 SECTION = "refusal_intervention_score"
@@ -51,7 +50,7 @@ MIN_OWN_EFFECT = 0.1  # forward-transfer ratios of pairs whose own addition effe
 
 
 def cube(profile_name: str) -> CubeStore:
-    return open_cube(results_dir(profile_name) / f"{EXPERIMENT}.zarr")
+    return profile_cube(profile_name, EXPERIMENT)
 
 
 def families(profile_name: str) -> pd.DataFrame:

@@ -19,8 +19,7 @@ import pandas as pd
 
 from analysis.audit import load_published
 from analysis.figures import pca_arrows
-from data_prep.paths import results_dir
-from replication.cubes import CubeStore, open_cube
+from replication.cubes import CubeStore, profile_cube
 
 EXPERIMENT = "truthfulness"
 IE_SECTION = "truthfulness_intervention_effect"
@@ -31,7 +30,7 @@ PROBE_SHORTFALL_KEY = "qualitative.truthfulness.max_probe_shortfall_pct"
 
 
 def cube(profile_name: str) -> CubeStore:
-    return open_cube(results_dir(profile_name) / f"{EXPERIMENT}.zarr")
+    return profile_cube(profile_name, EXPERIMENT)
 
 
 def _units(store: CubeStore, kind: str) -> dict[tuple[str, ...], object]:

@@ -149,7 +149,7 @@ def build_all(mirror: str | Path | None = None, tokenizers: dict[str, Encode] | 
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"units": {}}
     version = code_version()
     units = list(all_units(tokenizers or {}))
-    for unit in tqdm(units, desc="processed data", unit="unit", disable=not progress):
+    for unit in tqdm(units, desc="processed data", unit="unit", disable=None if progress else True):  # TTY only
         if is_current(manifest["units"].get(unit.name), unit, version, root):
             continue
         raw_paths = {name: fetch(name, mirror) for name in unit.inputs}

@@ -28,6 +28,7 @@ from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
 from data_prep import paths
+from data_prep.paths import results_dir
 from replication import shapes
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -407,6 +408,29 @@ def load_profile(name_or_path: str | Path, model_table: Optional[dict[str, Model
     if profile.random_weights is not None:
         profile = dataclasses.replace(profile, model_table={**table, **_random_weight_specs(profile, path)})
     return profile
+
+
+@dataclass(frozen=True)
+class ProfileRef:
+    """Where a profile argument (a name or a YAML path) leads: the profile's name, its file and its results folder.
+    `ptr run` writes results/<name>/ whatever the argument was; every reader resolves the argument the same way."""
+    name: str  # the file's `name:` key (or that of the profile it extends), else the file's stem
+    path: Path  # the profile's YAML file (absolute)
+    results: Path  # results/<name>/ (PTR_RESULTS_DIR/<name>/)
+
+    @property
+    def arg(self) -> str:
+        """The argument that names this profile from any working directory: the name of a profile of
+        replication/configs/profiles/, else the file's absolute path."""
+        return self.name if self.path == (PROFILE_DIR / f"{self.name}.yaml").resolve() else str(self.path)
+
+
+def resolve_profile(name_or_path: str | Path) -> ProfileRef:
+    """The profile's name and results folder for a profile name or YAML path, without validating the whole
+    profile; an unknown name is a ConfigError listing the known ones."""
+    path = _profile_path(name_or_path).resolve()
+    name = _profile_data(path).get("name", path.stem)
+    return ProfileRef(name=str(name), path=path, results=results_dir(str(name)))
 
 
 def _profile_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:

@@ -39,7 +39,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from replication.progress import progress_bar
 
 from data_prep.datasets import instructions
 from data_prep.prompts import intervention_table
@@ -202,7 +202,7 @@ def train(hf_model, encoded: list[Encoded], training: TrainingRecipe, seed: int,
         optimizer, lambda step: lr_factor(step, len(batches), training.warmup_fraction))
     hf_model.train()
     losses = []
-    bar = tqdm(batches, desc="sft", unit="step", disable=not progress)
+    bar = progress_bar(batches, desc="sft", unit="step", enabled=progress)
     for batch in bar:
         tensors = [t.to(device) for t in collate([encoded[i] for i in batch], pad_id)]
         loss = reply_loss(hf_model, *tensors)
@@ -241,7 +241,7 @@ def few_shot_accuracy(model, dataset: str, evaluation: EvaluationRecipe) -> floa
 def evaluate(model, spec: ModelSpec, evaluation: EvaluationRecipe, progress: bool = False) -> dict:
     """Refusal rates (harmful / harmless) and few-shot accuracies (per dataset and their mean) of one model."""
     accuracies = {d: few_shot_accuracy(model, d, evaluation)
-                  for d in tqdm(evaluation.truth_datasets, desc="few-shot", disable=not progress, leave=False)}
+                  for d in progress_bar(evaluation.truth_datasets, desc="few-shot", enabled=progress, leave=False)}
     refusal = {kind: refusal_rate(model, spec, kind, evaluation, progress) for kind in ("harmful", "harmless")}
     return {"template": spec.template, "refusal": refusal,
             "few_shot_accuracy": accuracies,

@@ -25,9 +25,9 @@ from IPython.display import Markdown
 
 from analysis import audit
 from analysis.figures import markdown_table
-from data_prep.paths import REPO_ROOT, results_dir
-from replication.config import load_profile
-from replication.cubes import UNITS_GROUP, open_cube
+from data_prep.paths import REPO_ROOT
+from replication.config import load_profile, resolve_profile
+from replication.cubes import UNITS_GROUP, StaleCubeError, open_cube, unfinished_note
 
 DEFAULT_PROFILE = "demo"
 NOT_COMPUTED = "Not yet computed for this profile"
@@ -55,7 +55,7 @@ def _shown(path: Path) -> str:
 
 
 def cube_path(experiment: str, profile_name: str) -> Path:
-    return results_dir(profile_name) / f"{experiment}.zarr"
+    return resolve_profile(profile_name).results / f"{experiment}.zarr"
 
 
 def has_cube(experiment: str, profile_name: str) -> bool:
@@ -97,11 +97,15 @@ def cube_status(experiment: str, profile_name: str) -> Markdown:
     numbers = measured(experiment, profile_name)
     if numbers is None:
         return Markdown(f"Reads the cube `{_shown(path)}`. *{NOT_COMPUTED}* ({rerun}).")
-    units = open_cube(path).unit_names()
+    store = open_cube(path)
+    units = store.unit_names()
+    if isinstance(numbers, StaleCubeError):
+        return Markdown(f"Reads the cube `{_shown(path)}`: *STALE*, not shown: {error_text(numbers)}")
+    unfinished = f" **{unfinished_note(store)}**" if unfinished_note(store) else ""
     if isinstance(numbers, Exception):
         return Markdown(f"Reads the cube `{_shown(path)}`: {len(units)} finished unit(s), *incomplete*: its analysis "
-                        f"fails with `{error_text(numbers)}` ({rerun} to finish it).")
-    return Markdown(f"Reads the cube `{_shown(path)}`: {len(units)} finished unit(s). "
+                        f"fails with `{error_text(numbers)}` ({rerun} to finish it).{unfinished}")
+    return Markdown(f"Reads the cube `{_shown(path)}`: {len(units)} finished unit(s).{unfinished} "
                     f"Profile **{profile_name}**; {experiment_models(experiment, profile_name)}.")
 
 
@@ -119,8 +123,9 @@ def experiment_models(experiment: str, profile_name: str) -> str:
 def status_summary(profile_name: str, audit_table: pd.DataFrame) -> Markdown:
     computed = [e for e in audit.EXPERIMENTS if is_computed(e, profile_name)]
     counts = ", ".join(f"{n} {status}" for status, n in audit.summary(audit_table).items())
+    results = _shown(resolve_profile(profile_name).results)
     return Markdown(
-        f"This report covers profile **{profile_name}** (results in `{_shown(results_dir(profile_name))}`). "
+        f"This report covers profile **{profile_name}** (results in `{results}`). "
         f"Experiments computed: {len(computed)} of {len(audit.EXPERIMENTS)}"
         f"{' (' + ', '.join(computed) + ')' if computed else ''}. Audit checks: {counts}.")
 
@@ -180,7 +185,7 @@ def audit_rows(table: pd.DataFrame) -> Table:
 
 def cube_attrs(profile_name: str) -> dict[str, dict]:
     """Root attrs (provenance) of every cube of the profile, by cube name."""
-    directory = results_dir(profile_name)
+    directory = resolve_profile(profile_name).results
     paths = sorted(directory.glob("*.zarr")) if directory.exists() else []
     return {path.stem: open_cube(path).attrs for path in paths}
 

@@ -31,8 +31,10 @@ import typst
 import yaml
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from traitlets.config import Config
 
 from data_prep.paths import work_root
+from replication.config import resolve_profile
 
 REPORT_DIR = Path(__file__).resolve().parent
 DOCUMENT = REPORT_DIR / "index.qmd"
@@ -118,15 +120,18 @@ def to_notebook(blocks: list[str | Chunk]) -> nbformat.NotebookNode:
 
 def execute(notebook: nbformat.NotebookNode, profile: str) -> nbformat.NotebookNode:
     """Run every cell in a kernel of this interpreter (jupyter_client runs kernelspec 'python' as sys.executable)."""
-    client = NotebookClient(notebook, kernel_name="python3", timeout=1800,
-                            resources={"metadata": {"path": str(REPORT_DIR)}})
-    try:
-        client.execute(env={**os.environ, "PTR_PROFILE": profile})
-    except CellExecutionError as err:
-        cell = next((c for c in notebook.cells if any(o.get("output_type") == "error" for o in c.get("outputs", []))),
-                    None)
-        where = f"the chunk at line {cell.metadata['line']} of {DOCUMENT.name}" if cell else DOCUMENT.name
-        raise RuntimeError(f"executing the report failed in {where}:\n{err}") from None
+    with tempfile.TemporaryDirectory() as sockets:
+        # IPC sockets in a private directory, not TCP: nothing to eavesdrop on, and no kernel warning saying so
+        client = NotebookClient(notebook, kernel_name="python3", timeout=1800,
+                                resources={"metadata": {"path": str(REPORT_DIR)}},
+                                config=Config({"KernelManager": {"transport": "ipc", "ip": f"{sockets}/kernel"}}))
+        try:
+            client.execute(env={**os.environ, "PTR_PROFILE": profile})
+        except CellExecutionError as err:
+            cell = next((c for c in notebook.cells
+                         if any(o.get("output_type") == "error" for o in c.get("outputs", []))), None)
+            where = f"the chunk at line {cell.metadata['line']} of {DOCUMENT.name}" if cell else DOCUMENT.name
+            raise RuntimeError(f"executing the report failed in {where}:\n{err}") from None
     return notebook
 
 
@@ -234,7 +239,7 @@ def render(profile: str, formats=FORMATS, out_dir: Path | None = None) -> dict[s
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown report formats {sorted(unknown)}; choose from {list(FORMATS)}")
-    out_dir = Path(out_dir) if out_dir else OUTPUT_DIR / profile
+    out_dir = Path(out_dir) if out_dir else OUTPUT_DIR / resolve_profile(profile).name  # a name or a YAML path
     out_dir.mkdir(parents=True, exist_ok=True)
     front, blocks = parse_qmd(DOCUMENT.read_text(), DOCUMENT.name)
     notebook = execute(to_notebook(blocks), profile)
@@ -265,7 +270,7 @@ def render_with_quarto(profile: str, formats=FORMATS, out_dir: Path | None = Non
     quarto = shutil.which("quarto")
     if quarto is None:
         raise FileNotFoundError("quarto is not on PATH; install it (https://quarto.org) or use render()")
-    out_dir = Path(out_dir) if out_dir else OUTPUT_DIR / profile
+    out_dir = Path(out_dir) if out_dir else OUTPUT_DIR / resolve_profile(profile).name  # a name or a YAML path
     (out_dir / DECLARED).unlink(missing_ok=True)  # only the fallback renderer knows what it shows (report.check)
     to = ",".join("typst" if fmt == "pdf" else fmt for fmt in formats)
     env = {**os.environ, "PTR_PROFILE": profile, "QUARTO_PYTHON": sys.executable}

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
+from replication.progress import progress_bar
 
 from data_prep.paths import results_dir
 from data_prep.prompts import intervention_table
@@ -228,7 +228,7 @@ def last_position_logits(model, spec: ModelSpec, prompts: Sequence[str], batch_s
     (neuron indices, values), those last-layer neurons take these values at the last position (mean ablation)."""
     result = None
     batches = length_batches(model.tokenizer, prompts, batch_size)
-    for batch in tqdm(batches, desc="forward", disable=not progress, leave=False):
+    for batch in progress_bar(batches, desc="forward", enabled=progress, leave=False):
         input_ids, attention_mask = encode(model.tokenizer, [prompts[i] for i in batch])
         with torch.inference_mode(), model.trace(input_ids, attention_mask=attention_mask, logits_to_keep=1):
             if neuron_values is not None:
@@ -422,7 +422,7 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
                          f"datasets {list(settings.datasets)}; the ablation compares with their output units")
     store = open_store(profile)
     keys = profile.models(EXPERIMENT)
-    for key in tqdm(keys, desc=EXPERIMENT, disable=not progress):
+    for key in progress_bar(keys, desc=EXPERIMENT, enabled=progress):
         run_model(store, profile, key, progress)
     weights = {key: store.read_unit(weights_unit(key)) for key in keys}
     pairs = [(profile.model_spec(base), profile.model_spec(post)) for base, post in profile.pairs(EXPERIMENT)]

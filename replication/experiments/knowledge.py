@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from tqdm import tqdm
+from replication.progress import progress_bar
 
 from data_prep.datasets import read_pairs
 from data_prep.errors import DataError
@@ -168,8 +168,8 @@ def patch_dataset(runs: list[TrueRun], target: PatchModel, tokens: list[Tokenize
     effects = np.full((len(tokens), len(target.layers), n_max), np.nan, dtype=np.float32)
     true_diff = np.empty(len(tokens), dtype=np.float32)
     false_diff = np.empty(len(tokens), dtype=np.float32)
-    for batch, run in tqdm(list(zip(batches(tokens, pairs_per_batch), runs, strict=True)), desc=desc, unit="batch",
-                           leave=False, disable=not progress):
+    for batch, run in progress_bar(list(zip(batches(tokens, pairs_per_batch), runs, strict=True)), desc=desc,
+                                   unit="batch", leave=False, enabled=progress):
         n_toks = tokens[batch[0]].n_toks
         result = patch_true_run(run, target, torch.tensor([tokens[i].false_ids for i in batch]), n_toks,
                                 layers_per_batch)
@@ -268,8 +268,8 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
                 continue
             model = PatchModel.from_spec(load_model(specs[key], dtype=profile.dtype, device=profile.device),
                                          specs[key])
-            for (source, target, direction, dataset) in tqdm(list(todo), desc=f"knowledge {key}", unit="map",
-                                                             disable=not progress):
+            for (source, target, direction, dataset) in progress_bar(list(todo), desc=f"knowledge {key}",
+                                                                     unit="map", enabled=progress):
                 started = now()
                 inputs = todo[(source, target, direction, dataset)]
                 if source == key and inputs is None:

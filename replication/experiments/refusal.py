@@ -54,7 +54,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from data_prep.datasets import instructions, read_refusal
 from data_prep.paths import results_dir
@@ -66,6 +65,7 @@ from replication.mechanics.generation import greedy_generate, greedy_generate_ma
 from replication.mechanics.refusal_score import is_refusal, refusal_score
 from replication.mechanics.steering import Steering
 from replication.models import load_model, model_dtype, prompts, release
+from replication.progress import progress_bar
 from replication.provenance import provenance
 
 EXPERIMENT = "refusal"
@@ -258,7 +258,7 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
     test = {kind: instructions(kind, "test", settings.n_test) for kind in KINDS}
 
     held = {}  # the last model of the direction loop, kept for the steering loop, which begins with it
-    for key in tqdm(keys, desc="refusal directions", disable=not progress):
+    for key in progress_bar(keys, desc="refusal directions", enabled=progress):
         if not store.has_unit(f"direction__{key}"):
             spec = profile.model_spec(key)
             held.clear()
@@ -272,7 +272,7 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
             members = [profile.families[family].base, *profile.families[family].post]
             store.write_unit(f"family__{family}", family_unit({key: units[key] for key in members}))
 
-    for key in tqdm(keys[::-1], desc="refusal steering", disable=not progress):
+    for key in progress_bar(keys[::-1], desc="refusal steering", enabled=progress):
         todo = [c for c in conditions(profile, key) if not store.has_unit(c.unit)]
         if not todo:
             continue
@@ -282,7 +282,7 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
         release()
         if model is None:
             model = load_model(spec, dtype=model_dtype(profile, spec), device=profile.device)
-        for dataset in tqdm(KINDS, desc=key, leave=False, disable=not progress):
+        for dataset in progress_bar(KINDS, desc=key, leave=False, enabled=progress):
             # every condition on these instructions in one generation (their units equal separate generations')
             group = [c for c in todo if c.dataset == dataset]
             steers = [condition_steering(profile, c, None if c.source == NONE else chosen_direction(units[c.source]))
@@ -343,8 +343,8 @@ def sweep_model(model, spec: ModelSpec, train: dict[str, list[str]], validation:
     def effects(candidates):
         rates = np.array([[score("harmful", "ablation", layer, p),
                            score("harmless", "addition", layer, p, norms[layer, p].item() / 3)]
-                          for layer, p in tqdm(candidates, desc=f"sweep {spec.key}", leave=False,
-                                               disable=not progress)])
+                          for layer, p in progress_bar(candidates, desc=f"sweep {spec.key}", leave=False,
+                                               enabled=progress)])
         return rates, (baseline[0] - rates[:, 0]) + (rates[:, 1] - baseline[1])
 
     baseline = np.array([score(kind) for kind in KINDS])

@@ -33,7 +33,6 @@ import pandas as pd
 import torch
 import xarray as xr
 from sklearn.linear_model import LogisticRegression
-from tqdm.auto import tqdm
 
 from data_prep.datasets import read_truth
 from data_prep.paths import results_dir
@@ -43,6 +42,7 @@ from replication.cubes import CubeStore, now
 from replication.mechanics.directions import centre, cosine_similarity, pca_projection
 from replication.mechanics.forward import last_token_activations, true_false_probabilities
 from replication.models import decoder_layers, load_model, release
+from replication.progress import progress_bar
 from replication.provenance import provenance
 
 EXPERIMENT = "truthfulness"
@@ -140,7 +140,7 @@ def activations_unit(model, layers: Sequence, tables: dict[str, pd.DataFrame], p
     """Class means and truth directions per dataset and layer, and the probe-layer activations of the probe
     datasets; all centred per dataset."""
     means, probe_acts, probe_rows = [], [], []
-    for name, table in tqdm(tables.items(), desc="datasets", disable=not progress, leave=False):
+    for name, table in progress_bar(tables.items(), desc="datasets", enabled=progress, leave=False):
         acts = centre(last_token_activations(model, layers, list(table["statement"]), batch_size=batch_size,
                                              progress=progress))
         means.append(class_means(acts, table["label"]))
@@ -312,7 +312,7 @@ def write_interventions(store: CubeStore, profile: Profile, spec: ModelSpec, uni
     """The intervention units of one target model (loaded once here), one per (test dataset, its train datasets)."""
     settings = profile.experiment(EXPERIMENT)
     model, layers = load(profile, spec)
-    for test, train in tqdm(splits, desc=f"interventions on {spec.key}", disable=not progress, leave=False):
+    for test, train in progress_bar(splits, desc=f"interventions on {spec.key}", enabled=progress, leave=False):
         started = now()
         store.write_unit(f"intervention__{spec.key}__{test}", intervention_unit(
             model, layers, intervention_table(test, settings.max_intervention_statements or settings.max_statements),
@@ -332,7 +332,7 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
     datasets = settings.datasets
     tables = {name: probe_statements(name, settings.max_statements)
               for name in dict.fromkeys([*datasets, *settings.similarity_datasets])}
-    for family in tqdm(profile.family_names(EXPERIMENT), desc="families", disable=not progress):
+    for family in progress_bar(profile.family_names(EXPERIMENT), desc="families", enabled=progress):
         keys = [profile.families[family].base, *profile.families[family].post]
         intervene_layer, probe_layer = family_layers([specs[k] for k in keys])
         for key in keys:
@@ -405,7 +405,7 @@ def sweep_unit(model, layers: Sequence, datasets: Sequence[str], *, max_statemen
     ends = np.argsort(-accuracy.mean(axis=1), kind="stable")[:n_probe_layers]
     candidates = [(int(end) - width + 1, int(end)) for end in ends for width in widths if end - width + 1 >= 0]
     effects = np.empty((len(candidates), len(datasets)))
-    for t, (test, train) in enumerate(tqdm(leave_one_out(datasets), desc="sweep", disable=not progress)):
+    for t, (test, train) in enumerate(progress_bar(leave_one_out(datasets), desc="sweep", enabled=progress)):
         table = intervention_table(test, max_intervention_statements)
         prompts, test_labels = list(table["prompt"]), table["label"].to_numpy()
         before = mean_p_diff(true_false_probabilities(model, layers, prompts, batch_size=batch_size), test_labels)

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from data_prep.prompts import SUFFIX
 from replication.mechanics.generation import hf_module
 from replication.models import position_ids_for
+from replication.progress import progress_bar
 
 
 def length_batches(tokenizer, texts: Sequence[str], batch_size: int) -> list[list[int]]:
@@ -37,7 +37,7 @@ def last_token_activations(model, layers: Sequence, statements: Sequence[str], *
     token (generate_acts.py; no prompt, the statement alone)."""
     result = None
     batches = length_batches(model.tokenizer, statements, batch_size)
-    for batch in tqdm(batches, desc="activations", disable=not progress, leave=False):
+    for batch in progress_bar(batches, desc="activations", enabled=progress, leave=False):
         input_ids, attention_mask = encode(model.tokenizer, [statements[i] for i in batch])
         with torch.inference_mode(), model.trace(input_ids, attention_mask=attention_mask) as tracer:
             acts = torch.stack([layer.output[:, -1, :] for layer in layers], dim=1).save()
@@ -56,8 +56,8 @@ def resid_pre_activations(model, texts: Sequence[str], positions: Sequence[int],
     hf_model = hf_module(model)
     device = next(hf_model.parameters()).device
     result = None
-    for batch in tqdm(length_batches(model.tokenizer, texts, batch_size), desc="activations", leave=False,
-                      disable=not progress):
+    for batch in progress_bar(length_batches(model.tokenizer, texts, batch_size), desc="activations", leave=False,
+                      enabled=progress):
         input_ids, attention_mask = (t.to(device) for t in encode(model.tokenizer, [texts[i] for i in batch]))
         states = hf_model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
                           position_ids=position_ids_for(attention_mask), output_hidden_states=True).hidden_states
@@ -107,7 +107,7 @@ def true_false_probabilities(model, layers: Sequence, prompts: Sequence[str], *,
     suffix = torch.tensor(suffix_token_ids(tokenizer))
     positions = statement_end_positions(tokenizer)
     probabilities = torch.empty(len(prompts), 2)
-    for batch in tqdm(length_batches(tokenizer, prompts, batch_size), desc="prompts", disable=not progress,
+    for batch in progress_bar(length_batches(tokenizer, prompts, batch_size), desc="prompts", enabled=progress,
                       leave=False):
         input_ids, attention_mask = encode(tokenizer, [prompts[i] for i in batch])
         if not (input_ids[:, -len(suffix):] == suffix).all():

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from replication.mechanics.steering import Steering, steered
+from replication.progress import progress_bar
 
 
 def hf_module(model) -> torch.nn.Module:
@@ -101,7 +101,7 @@ def greedy_generate_many(model, prompts: list[str], steerings: Sequence[Steering
     completions: list[list[str | None]] = [[None] * len(prompts) for _ in steerings]
     device = next(hf_model.parameters()).device
     with steered(hf_model, steerings):
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
+        for start in progress_bar(range(0, len(prompts), batch_size), desc="generate", unit="batch", enabled=progress):
             rows = order[start:start + batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt",
                                   padding_side="left").to(device)

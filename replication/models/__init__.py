@@ -83,7 +83,7 @@ def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
         return load_tokenizer(load_model_table()[spec.base])
     else:
         location, revision = _weights_location(spec)
-        tokenizer = _from_pretrained(AutoTokenizer, spec, location, revision)
+        tokenizer = _from_pretrained(AutoTokenizer, spec, location, revision, tokenizer_only=True)
     _prepare_tokenizer(spec, tokenizer)
     return tokenizer
 
@@ -111,6 +111,7 @@ def pair_tokenizers(profile) -> dict[str, Callable[[str], list[int]]]:
     stand-in for that vocabulary is used instead (Llama-3 BPE via quicktok, Mistral v3 SentencePiece), with a
     warning naming the substitution.
     """
+    from data_prep.errors import DataError
     from data_prep.tokenizers import STANDIN_TOKENIZERS, standin_encoder
 
     encoders = {}
@@ -126,7 +127,11 @@ def pair_tokenizers(profile) -> dict[str, Callable[[str], list[int]]]:
                 raise
             warnings.warn(f"{spec.hf_id}'s tokenizer is not available here; building {spec.tokenizer_key} pairs "
                           "with data_prep's stand-in for the same vocabulary")
-            encoders[spec.tokenizer_key] = standin_encoder(spec.tokenizer_key)
+            try:
+                encoders[spec.tokenizer_key] = standin_encoder(spec.tokenizer_key)
+            except DataError as error:  # neither the tokenizer nor its stand-in's file: either fix will do
+                raise DataError(f"{error} Or fetch the tokenizer itself (no weights): "
+                                f"`{fetch_command(spec, tokenizer_only=True)}`.") from None
     return encoders
 
 
@@ -217,27 +222,69 @@ def _offline() -> bool:
                for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _from_pretrained(auto_class, spec: ModelSpec, location: str, revision: str | None, **kwargs):
+TOKENIZER_FILES = ("tokenizer*", "*.model", "special_tokens_map.json", "config.json")  # no weights
+
+
+def _from_pretrained(auto_class, spec: ModelSpec, location: str, revision: str | None,
+                     tokenizer_only: bool = False, **kwargs):
+    """`auto_class.from_pretrained`; a model not to be had here is a ModelNotAvailableError saying how to fetch its
+    files (`tokenizer_only`: the tokenizer's alone)."""
     if revision is None:  # a local directory
         return auto_class.from_pretrained(location, **kwargs)
     try:
         return auto_class.from_pretrained(location, revision=revision, local_files_only=_offline(), **kwargs)
     except OSError as error:
-        raise ModelNotAvailableError(_fetch_hint(spec, error)) from error
+        raise ModelNotAvailableError(_fetch_hint([spec], error, tokenizer_only=tokenizer_only)) from error
 
 
-def _fetch_hint(spec: ModelSpec, error: OSError) -> str:
+def fetch_command(spec: ModelSpec, tokenizer_only: bool = False) -> str:
+    """The one command that puts a hub model's files (or its tokenizer's alone) into the Hugging Face cache."""
+    include = " ".join(f'"{pattern}"' for pattern in TOKENIZER_FILES)
+    return (f"hf download {spec.hf_id} --revision {spec.revision}"
+            + (f" --include {include}" if tokenizer_only else ""))
+
+
+def missing_models(profile, experiments) -> list[ModelSpec]:
+    """The hub models that `experiments` of `profile` need (a post-trained model: its base) whose files are not in
+    the Hugging Face cache here, when offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE); online, none."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not _offline():
+        return []
+    table, needed = profile.model_table, {}
+    for key in dict.fromkeys(k for name in experiments for k in profile.models(name)):
+        spec = profile.model_spec(key)
+        while spec.source == "posttrain":
+            spec = table[spec.base]
+        if spec.source == "hub" and not Path(spec.hf_id).expanduser().is_dir():
+            needed[spec.key] = spec
+    return [spec for spec in needed.values()
+            if not isinstance(try_to_load_from_cache(spec.hf_id, "config.json", revision=spec.revision), str)]
+
+
+def check_available(profile, experiments) -> None:
+    """A ModelNotAvailableError naming every missing model of `missing_models` at once, with its fetch command."""
+    missing = missing_models(profile, experiments)
+    if missing:
+        raise ModelNotAvailableError(_fetch_hint(missing))
+
+
+def _fetch_hint(specs: list[ModelSpec], error: OSError | None = None, tokenizer_only: bool = False) -> str:
     from huggingface_hub import constants
 
     state = ("offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)" if _offline()
              else "the hub did not provide it (no network, or a gated model without access)")
-    gated = (" Meta's Llama models are gated: set HF_TOKEN to a token of an account that accepted the licence on "
-             f"https://huggingface.co/{spec.hf_id}.") if spec.hf_id.startswith("meta-llama/") else ""
-    return (f"model {spec.key!r} ({spec.hf_id} at revision {spec.revision}) could not be loaded: it is not in "
-            f"the Hugging Face cache {constants.HF_HUB_CACHE} and {state}. Fetch it on a machine with access: "
-            f"`hf download {spec.hf_id} --revision {spec.revision}`, then copy the cache here (HF_HOME), or "
-            f"download it to a directory (`--local-dir DIR`) and set its hf_id in replication/configs/models.yaml "
-            f"to that directory.{gated} Underlying error: {error}")
+    what = "the tokenizer of " if tokenizer_only else ""
+    names = ", ".join(f"{what}{spec.key!r} ({spec.hf_id} at revision {spec.revision})" for spec in specs)
+    commands = "\n".join(f"  {fetch_command(spec, tokenizer_only)}" for spec in specs)
+    gated = [spec.hf_id for spec in specs if spec.hf_id.startswith("meta-llama/")]
+    gated_note = (" Meta's Llama models are gated: set HF_TOKEN to a token of an account that accepted the licence "
+                  f"on https://huggingface.co/{gated[0]}." if gated else "")
+    cause = f"\n(underlying error: {str(error).splitlines()[0]})" if error is not None and str(error) else ""
+    return (f"{len(specs)} model(s) not available: {names}. They are not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} and {state}. Fetch them on a machine with access, then copy the cache here "
+            f"(HF_HOME), or download to a directory (`--local-dir DIR`) and set the model's hf_id in "
+            f"replication/configs/models.yaml to it.{gated_note}\n{commands}{cause}")
 
 
 def _prepare_tokenizer(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> None:
