@@ -28,7 +28,6 @@ from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
 from data_prep import paths
-from data_prep.paths import results_dir
 from replication import shapes
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -430,7 +429,7 @@ def resolve_profile(name_or_path: str | Path) -> ProfileRef:
     profile; an unknown name is a ConfigError listing the known ones."""
     path = _profile_path(name_or_path).resolve()
     name = _profile_data(path).get("name", path.stem)
-    return ProfileRef(name=str(name), path=path, results=results_dir(str(name)))
+    return ProfileRef(name=str(name), path=path, results=paths.results_dir(str(name)))
 
 
 def _profile_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
