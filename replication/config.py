@@ -622,7 +622,10 @@ def _build(cls, data: Any, where: str, path: Path):
     try:
         return _adapter(cls).validate_python(data)
     except ValidationError as error:
-        raise ConfigError(f"{path}: {_describe(error.errors()[0], cls, where)}") from None
+        # an unknown key first: a typo also makes its intended key "missing", and the typo is the news
+        unknown = ("unexpected_keyword_argument", "extra_forbidden")
+        errors = sorted(error.errors(), key=lambda e: e["type"] not in unknown)
+        raise ConfigError(f"{path}: {_describe(errors[0], cls, where)}") from None
 
 
 def _describe(error: dict, cls, where: str) -> str:
