@@ -73,12 +73,15 @@ def main(profile: str, fresh: bool, steps: str) -> None:
         raise click.BadParameter(f"unknown steps {unknown}; allowed: {', '.join(STEPS)}", param_hint="--steps")
     results = {"device": device_name(), "profile": profile, "fresh": fresh, "git_commit": git_commit(),
                "started_at": now(), "cpus": os.cpu_count(), "steps": []}
+    name = f"{results['device']}-{profile}-replicate{'-fresh' if fresh else ''}"
     for step in chosen:
-        click.echo(f"{step} ...")
+        click.echo(f"{now()} {step} ...")
         results["steps"].append(time_step(step, profile, fresh))
+        click.echo(f"{now()} {step}: {results['steps'][-1]['wall_s'] / 60:.1f} min")
+        write_results(results, name, markdown(results), echo=False)  # each step kept, should a later one be stopped
         if "error" in results["steps"][-1]:
             break
-    write_results(results, f"{results['device']}-{profile}-replicate{'-fresh' if fresh else ''}", markdown(results))
+    write_results(results, name, markdown(results))
 
 
 if __name__ == "__main__":

@@ -89,15 +89,16 @@ def main(profile: str, only: str) -> None:
     write_results(results, f"{results['device']}-{profile}", markdown(results))
 
 
-def write_results(results: dict, name: str, table: str) -> None:
-    """results/bench/<name>.json and .md (the table), and the table on the terminal."""
+def write_results(results: dict, name: str, table: str, *, echo: bool = True) -> None:
+    """results/bench/<name>.json and .md (the table), and (with `echo`) the table on the terminal."""
     out = REPO_ROOT / "results" / "bench"
     out.mkdir(parents=True, exist_ok=True)
     stem = out / name
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
     stem.with_suffix(".md").write_text(table)
-    click.echo(table)
-    click.echo(f"written: {stem}.json, {stem}.md")
+    if echo:
+        click.echo(table)
+        click.echo(f"written: {stem}.json, {stem}.md")
 
 
 if __name__ == "__main__":
