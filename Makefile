@@ -46,8 +46,8 @@ check-report: setup
 audit: setup
 	$(PTR) audit --profile $(PROFILE)
 
-# Then the per-step table of `ptr replicate` (bench/replicate.py): on a fresh clone every step runs; FRESH=1 sets
-# the cubes aside first and recomputes them (the rerun time).
+# Then the per-step table of `ptr replicate` (bench/replicate.py): on a fresh clone every step runs; FRESH=1 times
+# `ptr run all --fresh` instead (every cube set aside and recomputed: the rerun time).
 bench: setup
 	$(BIN)/python -m bench.run --profile $(PROFILE)
 	$(BIN)/python -m bench.replicate --profile $(PROFILE) $(if $(FRESH),--fresh)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import importlib
 import importlib.metadata
+import json
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,33 @@ _PROFILE = click.option(
 )
 # OSErrors that say the results (or data) folder cannot be written: shown as one line, like the package's own errors
 DISK_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+_TIMINGS = click.option(
+    "--timings", type=click.Path(dir_okay=False), default=None,
+    help="Write each step's wall and CPU seconds to this JSON file, rewritten after every step "
+         "(bench/replicate.py reads it).")
+
+
+class StepClock:
+    """Wall and CPU seconds of one step. CPU: this process (every thread) and its finished children (the report's
+    kernel)."""
+
+    def __init__(self, step: str):
+        self.step, self.wall, self.cpu = step, time.perf_counter(), self.cpu_seconds()
+
+    @staticmethod
+    def cpu_seconds() -> float:
+        times = os.times()
+        return times.user + times.system + times.children_user + times.children_system
+
+    def stop(self) -> dict:
+        return {"step": self.step, "wall_s": time.perf_counter() - self.wall, "cpu_s": self.cpu_seconds() - self.cpu}
+
+
+def write_timings(path: str | None, rows: list[dict]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def _use_model_table(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -167,13 +195,16 @@ def posttrain(profile: str) -> None:
                    "again. Needed when the experiment's configuration changed since its units were computed.")
 @click.option("--dry-run", is_flag=True,
               help="Print the models each experiment holds in memory at once and their size, then stop.")
-def run(experiment: str, profile: str, fresh: bool = False, dry_run: bool = False) -> None:
+@_TIMINGS
+def run(experiment: str, profile: str, fresh: bool = False, dry_run: bool = False,
+        timings: str | None = None) -> list[dict]:
     """Run one experiment (or all) for a profile and write its cube to results/<profile>/<experiment>.zarr.
     Resumable: finished units are skipped; a cube computed under another configuration is refused (see --fresh).
-    Each run first prints its memory plan and stops when the visible GPU is too small for it."""
+    Each run first prints its memory plan and stops when the visible GPU is too small for it. `all` keeps each
+    model loaded from one experiment to the next where every model fits in memory at once."""
     from replication.cubes import StaleCubeError, set_aside
-    from replication.memory import check_fits, plan_lines, residencies
-    from replication.models import check_available, resolve_device
+    from replication.memory import check_fits, fits_together, plan_lines, residencies
+    from replication.models import check_available, keep_loaded, resolve_device
 
     ref, prof = resolve(profile)
     names = EXPERIMENTS if experiment == "all" else (experiment,)
@@ -186,16 +217,21 @@ def run(experiment: str, profile: str, fresh: bool = False, dry_run: bool = Fals
         return
     check_available(prof, names)  # every missing model at once, before hours of the others' work
     check_fits(resident, names, device)
-    for name in names:
-        start = time.time()
-        if fresh and (kept := set_aside(ref.results / f"{name}.zarr")):
-            click.echo(f"{name}: previous cube kept as {kept}")
-        click.echo(f"{name}: started")
-        try:
-            path = importlib.import_module(f"replication.experiments.{name}").run(prof)
-        except StaleCubeError as error:
-            raise click.ClickException(f"{error} (`ptr run {name} --profile {ref.arg} --fresh`)") from None
-        click.echo(f"{name}: {path} ({time.time() - start:.0f} s)")
+    steps = []
+    with keep_loaded(len(names) > 1 and fits_together(resident, names, device)):
+        for name in names:
+            clock = StepClock(f"run {name}")
+            if fresh and (kept := set_aside(ref.results / f"{name}.zarr")):
+                click.echo(f"{name}: previous cube kept as {kept}")
+            click.echo(f"{name}: started")
+            try:
+                path = importlib.import_module(f"replication.experiments.{name}").run(prof)
+            except StaleCubeError as error:
+                raise click.ClickException(f"{error} (`ptr run {name} --profile {ref.arg} --fresh`)") from None
+            steps.append(clock.stop())
+            click.echo(f"{name}: {path} ({steps[-1]['wall_s']:.0f} s)")
+            write_timings(timings, steps)
+    return steps
 
 
 @main.command()
@@ -292,26 +328,30 @@ def audit(profile: str, strict: bool) -> None:
 
 @main.command()
 @PROFILE_OPTION
+@_TIMINGS
 @click.pass_context
-def replicate(ctx: click.Context, profile: str) -> None:
+def replicate(ctx: click.Context, profile: str, timings: str | None = None) -> None:
     """Everything, in order: data -> post-training -> the four experiments -> report -> audit. Each step is
-    resumable and skips what is already current; a summary (time per step, report paths, audit counts) ends it."""
+    resumable and skips what is already current; a summary (time per step, report paths, audit counts) ends it.
+    The experiments run as `ptr run all`: each model is loaded once where all fit in memory at once."""
     ref, prof = resolve(profile)
     steps = [("data", data, {"mirror": None})]
     if prof.posttrained_models():
         steps.append(("posttrain", posttrain, {}))
-    steps += [(f"run {name}", run, {"experiment": name}) for name in EXPERIMENTS]
-    steps += [("report", report, {"formats": "html,pdf", "engine": "auto"}), ("audit", audit, {"strict": False})]
-    timings, outputs = [], {}
+    steps += [("run", run, {"experiment": "all"}), ("report", report, {"formats": "html,pdf", "engine": "auto"}),
+              ("audit", audit, {"strict": False})]
+    rows, outputs = [], {}
     for title, command, kwargs in steps:
         click.secho(f"==> {title}", bold=True)
-        start = time.time()
+        clock = StepClock(title)
         outputs[title] = ctx.invoke(command, profile=profile, **kwargs)
-        timings.append((title, time.time() - start))
+        # `run all` times each experiment itself
+        rows += outputs[title] if title == "run" else [clock.stop()]
+        write_timings(timings, rows)
     click.secho("\nSummary", bold=True)
-    for title, seconds in timings:
-        click.echo(f"  {title:<20} {seconds:8.1f} s")
-    click.echo(f"  {'total':<20} {sum(s for _, s in timings):8.1f} s")
+    for row in rows:
+        click.echo(f"  {row['step']:<20} {row['wall_s']:8.1f} s")
+    click.echo(f"  {'total':<20} {sum(row['wall_s'] for row in rows):8.1f} s")
     for fmt, path in outputs["report"].items():
         click.echo(f"  report ({fmt}): {path}")
     counts = ", ".join(f"{n} {status}" for status, n in outputs["audit"].items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import psutil
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -96,3 +97,19 @@ def check_fits(rows: list[Residency], experiments: tuple[str, ...], device: str)
                 f"{row.experiment} holds {' + '.join(row.models)} at once: {row.gib:.1f} GiB of weights in "
                 f"{row.dtype} (x{HEADROOM} with activations) but the GPU has {total:.1f} GiB; use a larger GPU or "
                 f"leave that family out of experiments.{row.experiment}.families")
+
+
+
+def available_gib(device: str) -> float:
+    """Memory a run can fill: the GPU's total, or the host's available memory on the CPU."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return psutil.virtual_memory().available / GIB
+
+
+def fits_together(rows: list[Residency], experiments: tuple[str, ...], device: str) -> bool:
+    """Whether every model the experiments load, in each dtype it is loaded in, fits in memory at once (with
+    HEADROOM), so that a run of several experiments can keep them loaded (models.keep_loaded); False where a size
+    is unknown here."""
+    loaded = {(row.models, row.dtype): row.gib for row in rows if row.experiment in experiments}
+    return None not in loaded.values() and sum(loaded.values()) * HEADROOM <= available_gib(device)

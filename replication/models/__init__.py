@@ -18,10 +18,11 @@ by `ptr posttrain`: loading never trains), tiny random model built in code). Fac
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -45,11 +46,42 @@ class NotPosttrainedError(ModelNotAvailableError):
     """A post-trained model is not in the cache yet: loading never trains; `ptr posttrain` makes it."""
 
 
+# Models kept loaded inside `keep_loaded`, by (spec, dtype, device); None outside it.
+_kept: dict[tuple[str, str, str], TransformersModel] | None = None
+
+
+@contextlib.contextmanager
+def keep_loaded(enabled: bool = True) -> Iterator[None]:
+    """Inside the block `load_model` hands back a model it loaded before (same spec, dtype and device) instead of
+    reading it again, so a `ptr replicate` or `ptr run all` loads each model once; they are let go at the end.
+    For analysis only: the callers enable it where `memory.fits_together` says every model fits at once, and
+    nothing that trains a model runs inside it."""
+    global _kept
+    if not enabled or _kept is not None:  # nested: the outer block keeps them
+        yield
+        return
+    _kept = {}
+    try:
+        yield
+    finally:
+        _kept = None
+        release()
+
+
 def load_model(spec: ModelSpec, *, dtype: str = "float32", device: str = "cpu") -> TransformersModel:
     """The model of `spec` wrapped for nnsight 0.8 (eval mode, no grad); `model.tokenizer` pads on the left."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)} (profile key 'dtype')")
     device = resolve_device(device)
+    if _kept is None:
+        return _load_model(spec, dtype, device)
+    key = (repr(spec), dtype, device)  # every field of the spec
+    if key not in _kept:
+        _kept[key] = _load_model(spec, dtype, device)
+    return _kept[key]
+
+
+def _load_model(spec: ModelSpec, dtype: str, device: str) -> TransformersModel:
     if spec.source == "tiny":
         tokenizer = tiny.build_tokenizer()
         model = tiny.build_model(spec.arch, spec.seed, tokenizer).to(device=device, dtype=DTYPES[dtype])
