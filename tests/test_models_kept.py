@@ -28,8 +28,9 @@ def test_inside_the_block_a_model_is_loaded_once_and_let_go_after():
 
 def test_kept_models_give_the_cubes_of_models_loaded_per_experiment(tiny_results, tiny_data, tmp_path,
                                                                     monkeypatch):
-    """The four experiments (patching with skipped layers, probes, steering hooks, float32 weights) on kept models equal the
-    session's tiny cubes, computed with a fresh load every time: nothing an experiment does stays on a model."""
+    """The four experiments (patching with skipped layers, probes, steering hooks, float32 weights) on kept models
+    equal the session's tiny cubes, computed with a fresh load every time: nothing an experiment leaves on a model
+    changes the next one's numbers."""
     monkeypatch.setenv("PTR_DATA_DIR", str(tiny_data))
     monkeypatch.setenv("PTR_RESULTS_DIR", str(tmp_path))
     profile = load_profile("tiny")
