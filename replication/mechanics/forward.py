@@ -140,6 +140,11 @@ def edit_prefixes(model, prompts: Sequence[str], *, batch_size: int, share: bool
 # Shared prefixes: prompts that begin with the same tokens (the few-shot lines) run those tokens once
 
 
+# A group's own cost in tokens: its prefix is one more batch row, its cache is copied into every row's batch.
+# Fewer shared tokens than this (a BOS, a first word) are not worth a group.
+GROUP_COST_TOKENS = 8
+
+
 @dataclass(frozen=True)
 class PrefixBatch:
     """One batched forward of prompts whose first tokens come from cached prefix runs: the trace's inputs."""
@@ -152,8 +157,9 @@ def shared_prefix_groups(ids: Sequence[Sequence[int]], keep: int) -> list[list[i
     """Prompts (token ids) in groups whose shared first tokens are worth running once; singletons share none.
 
     Groups are runs of the prompts sorted by their tokens (a run's shared prefix is the smallest common prefix of
-    its neighbours); the split maximises the tokens saved, sum over groups of (size - 1) x shared prefix length,
-    where each row keeps at least `keep` tokens of its own after the prefix (dynamic programming over the runs)."""
+    neighbours); the split maximises the tokens saved, sum over groups of (size - 1) x shared prefix length -
+    GROUP_COST_TOKENS, where each row keeps at least `keep` tokens of its own after the prefix (dynamic programming
+    over the runs, O(prompts^2) at worst)."""
     order = sorted(range(len(ids)), key=lambda i: list(ids[i]))
     caps = [len(ids[i]) - keep for i in order]
     neighbours = [common_prefix_length(ids[a], ids[b]) for a, b in zip(order, order[1:])]
@@ -165,7 +171,7 @@ def shared_prefix_groups(ids: Sequence[Sequence[int]], keep: int) -> list[list[i
             shared = min(shared, neighbours[first], caps[first])
             if shared <= 0:
                 break
-            saved = best[first] + (end - first - 1) * shared
+            saved = best[first] + (end - first - 1) * shared - GROUP_COST_TOKENS
             if saved > best[end]:
                 best[end], start[end] = saved, first
     groups, end = [], len(order)
