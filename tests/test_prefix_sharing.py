@@ -66,8 +66,8 @@ def test_prompts_form_groups_of_one_and_of_several(tiny):
         if shared:  # the cached tokens are exactly those of the prompt
             other = next(j for j in groups[prefixes.group_of[i]] if j != i)
             assert torch.equal(ids[:shared], prefixes.ids[other][:shared])
-    batches = prefixes.batches(16)  # one batch: cached rows beside rows without a cache (padded with zeros)
-    assert "cache" in batches[0].inputs and (batches[0].inputs["attention_mask"] == 0).any()
+    [batch] = prefixes.batches(16)  # one batch: cached rows beside rows without a cache (padded with zeros)
+    assert "cache" in batch.inputs and (batch.inputs["attention_mask"] == 0).any()
 
 
 @pytest.mark.parametrize("batch_size", [3, 16])

@@ -6,7 +6,7 @@ back into the caller's order by index.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +136,7 @@ def edit_prefixes(model, prompts: Sequence[str], *, batch_size: int, share: bool
     return SharedPrefixes(model, prompts, keep=-min(statement_end_positions(model.tokenizer)),
                           batch_size=batch_size, share=share)
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # Shared prefixes: prompts that begin with the same tokens (the few-shot lines) run those tokens once
 
@@ -245,11 +246,12 @@ class SharedPrefixes:
     def device(self) -> torch.device:
         return next(hf_module(self.model).parameters()).device
 
-    def batches(self, batch_size: int) -> list[PrefixBatch]:
-        """Batches of at most `batch_size` prompts with similar unshared tails (the tokens each row must run)."""
+    def batches(self, batch_size: int) -> Iterator[PrefixBatch]:
+        """Batches of at most `batch_size` prompts with similar unshared tails (the tokens each row must run), built
+        one at a time (a batch's cache copies its rows' prefixes: only one is held at once)."""
         tails = [len(row) - shared for row, shared in zip(self.ids, self.shared_length)]
         order = sorted(range(len(self.ids)), key=lambda i: (tails[i], len(self.ids[i])))
-        return [self._batch(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+        return (self._batch(order[i:i + batch_size]) for i in range(0, len(order), batch_size))
 
     def _batch(self, indices: list[int]) -> PrefixBatch:
         width = max(len(self.ids[i]) - self.shared_length[i] for i in indices)  # S
