@@ -42,7 +42,7 @@ from data_prep.paths import results_dir
 from data_prep.prompts import intervention_table
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
-from replication.mechanics.forward import answer_token_ids, encode, length_batches
+from replication.mechanics.forward import SharedPrefixes, answer_token_ids
 from replication.models import WEIGHTS_DTYPE, load_model, module_at
 from replication.provenance import provenance
 
@@ -222,15 +222,16 @@ def mlp_out_module(model, spec: ModelSpec):
 
 
 def last_position_logits(model, spec: ModelSpec, prompts: Sequence[str], batch_size: int, progress: bool = False,
-                         neuron_values: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """[n_prompts, d_vocab] float32 logits of the next token after each prompt: left-padded batches of similar
-    length through nnsight, only the last position's logits computed (logits_to_keep=1). With `neuron_values` =
-    (neuron indices, values), those last-layer neurons take these values at the last position (mean ablation)."""
+                         neuron_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         prefixes: SharedPrefixes | None = None) -> torch.Tensor:
+    """[n_prompts, d_vocab] float32 logits of the next token after each prompt: batches of similar length through
+    nnsight, the prompts' shared few-shot tokens run once (`prefixes`, built here unless given), only the last
+    position's logits computed (logits_to_keep=1). With `neuron_values` = (neuron indices, values), those
+    last-layer neurons take these values at the last position (mean ablation)."""
+    prefixes = prefixes or SharedPrefixes(model, prompts, batch_size=batch_size)
     result = None
-    batches = length_batches(model.tokenizer, prompts, batch_size)
-    for batch in progress_bar(batches, desc="forward", enabled=progress, leave=False):
-        input_ids, attention_mask = encode(model.tokenizer, [prompts[i] for i in batch])
-        with torch.inference_mode(), model.trace(input_ids, attention_mask=attention_mask, logits_to_keep=1):
+    for batch in progress_bar(prefixes.batches(batch_size), desc="forward", enabled=progress, leave=False):
+        with torch.inference_mode(), model.trace(batch.input_ids, **batch.inputs, logits_to_keep=1):
             if neuron_values is not None:
                 neurons, values = neuron_values
                 activations = mlp_out_module(model, spec).input
@@ -238,21 +239,22 @@ def last_position_logits(model, spec: ModelSpec, prompts: Sequence[str], batch_s
             logits = model.output.logits[:, -1, :].save()
         if result is None:
             result = torch.empty(len(prompts), logits.shape[-1])
-        result[batch] = logits.float().cpu()
+        result[batch.indices] = logits.float().cpu()
     return result
 
 
-def last_position_mlp_activations(model, spec: ModelSpec, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
+def last_position_mlp_activations(model, spec: ModelSpec, prompts: Sequence[str], batch_size: int,
+                                  prefixes: SharedPrefixes | None = None) -> torch.Tensor:
     """[n_prompts, d_mlp] float32: the last layer's neuron activations at each prompt's last position."""
+    prefixes = prefixes or SharedPrefixes(model, prompts, batch_size=batch_size)
     result = None
-    for batch in length_batches(model.tokenizer, prompts, batch_size):
-        input_ids, attention_mask = encode(model.tokenizer, [prompts[i] for i in batch])
-        with torch.inference_mode(), model.trace(input_ids, attention_mask=attention_mask) as tracer:
+    for batch in prefixes.batches(batch_size):
+        with torch.inference_mode(), model.trace(batch.input_ids, **batch.inputs) as tracer:
             activations = mlp_out_module(model, spec).input[:, -1, :].save()
             tracer.stop()  # nothing after the last MLP is needed
         if result is None:
             result = torch.empty(len(prompts), activations.shape[-1])
-        result[batch] = activations.float().cpu()
+        result[batch.indices] = activations.float().cpu()
     return result
 
 
@@ -339,12 +341,13 @@ def mean_ablation(model, spec: ModelSpec, statements: pd.DataFrame, weights: xr.
     the mean change in entropy and answer confidence against the clean run (`clean`: the outputs unit)."""
     prompts = statements["prompt"].tolist()
     groups = {"entropy_neurons": weights.selected.sel(wu=PAPER_WU).values, "control": control_neurons(weights, seed)}
-    means = last_position_mlp_activations(model, spec, prompts, batch_size).mean(dim=0)
+    prefixes = SharedPrefixes(model, prompts, batch_size=batch_size)  # the three passes share the prefix runs
+    means = last_position_mlp_activations(model, spec, prompts, batch_size, prefixes).mean(dim=0)
     true_id, false_id = answer_token_ids(model.tokenizer)
     entropy, p_true = [], []
     for neurons in groups.values():
         index = torch.as_tensor(neurons)
-        logits = last_position_logits(model, spec, prompts, batch_size, progress, (index, means[index]))
+        logits = last_position_logits(model, spec, prompts, batch_size, progress, (index, means[index]), prefixes)
         entropy.append(next_token_entropy(logits).numpy())
         p_true.append(true_probability(logits, true_id, false_id).numpy())
     entropy, p_true = np.stack(entropy), np.stack(p_true)

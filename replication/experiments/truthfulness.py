@@ -40,7 +40,7 @@ from data_prep.prompts import balanced_head, intervention_table
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
 from replication.mechanics.directions import centre, cosine_similarity, pca_projection
-from replication.mechanics.forward import last_token_activations, true_false_probabilities
+from replication.mechanics.forward import edit_prefixes, last_token_activations, true_false_probabilities
 from replication.models import decoder_layers, load_model, release
 from replication.progress import progress_bar
 from replication.provenance import provenance
@@ -259,9 +259,11 @@ def intervention_unit(model, layers: Sequence, table: pd.DataFrame, directions: 
     the intervention effects."""
     prompts, labels = list(table["prompt"]), table["label"].to_numpy()
     conditions = [NO_INTERVENTION, *directions]
+    prefixes = edit_prefixes(model, prompts, batch_size=batch_size)  # every condition reads the same prompts
     probabilities = torch.stack([
         true_false_probabilities(
             model, layers, prompts, batch_size=batch_size, edit_layers=edit_layers, progress=progress,
+            prefixes=prefixes,
             shifts=None if name == NO_INTERVENTION else intervention_shifts(labels, directions[name], coefficient))
         for name in conditions])  # [condition, statement, answer]
     means = mean_p_diff(probabilities, labels)
@@ -408,13 +410,15 @@ def sweep_unit(model, layers: Sequence, datasets: Sequence[str], *, max_statemen
     for t, (test, train) in enumerate(progress_bar(leave_one_out(datasets), desc="sweep", enabled=progress)):
         table = intervention_table(test, max_intervention_statements)
         prompts, test_labels = list(table["prompt"]), table["label"].to_numpy()
-        before = mean_p_diff(true_false_probabilities(model, layers, prompts, batch_size=batch_size), test_labels)
+        prefixes = edit_prefixes(model, prompts, batch_size=batch_size)
+        before = mean_p_diff(true_false_probabilities(model, layers, prompts, batch_size=batch_size,
+                                                      prefixes=prefixes), test_labels)
         for c, (start, end) in enumerate(candidates):
             direction = intervention_direction(torch.cat([acts[d][:, end] for d in train]),
                                                np.concatenate([labels[d] for d in train]))
             after = mean_p_diff(true_false_probabilities(
                 model, layers, prompts, batch_size=batch_size, edit_layers=range(start, end + 1),
-                shifts=intervention_shifts(test_labels, direction, coefficient)), test_labels)
+                shifts=intervention_shifts(test_labels, direction, coefficient), prefixes=prefixes), test_labels)
             effects[c, t] = intervention_effects(before, after)[-1]
     intervene_layer, probe_layer = choose_layers(accuracy, candidates, effects)
     return xr.Dataset(
