@@ -275,7 +275,11 @@ def test_profiles_list_their_posttrained_models():
 
 def test_ensure_trains_once_saves_a_loadable_model_and_its_card(processed_data, cache, table, monkeypatch):
     spec = table["tiny-llama-sft"]
+    loads = []
+    monkeypatch.setattr(pt, "load_model", lambda model_spec, **kw: loads.append(model_spec.key) or load_model(
+        model_spec, **kw))
     path = pt.ensure_posttrained(spec, device="cpu", progress=False)
+    assert loads == ["tiny-llama"]  # one load: the base is evaluated, replies, trains and is evaluated in place
     card = json.loads((path / pt.CARD).read_text())
     assert path.parent == cache / "models" and path.name == f"tiny-llama-sft-{card['recipe_hash'][:12]}"
     assert card["data"]["counts"] == {"harmful": 8, "harmless": 8}

@@ -86,9 +86,9 @@ def assemble_gguf(source: Mapping[str, str], directory: Path) -> Path:
 
 @contextlib.contextmanager
 def one_reader_per_file():
-    """Within the block, `gguf.GGUFReader(path)` parses each file once. transformers reads a GGUF file's metadata
-    anew for the tokenizer's config, the tokenizer, the model's config and the weights; parsing the 262k-token
-    vocabulary arrays in Python was most of the conversion's time (py-spy, docs/PERFORMANCE.md). Its readers only
+    """Within the block, `gguf.GGUFReader(path)` parses each file once. transformers parses a GGUF file anew for the
+    tokenizer, the model's config and the weights; parsing its 262k-entry vocabulary arrays in Python was most of
+    the conversion's time (py-spy, docs/PERFORMANCE.md). Its readers only
     read (fields, memory-mapped tensors), so one can serve every call."""
     import gguf
 
@@ -125,7 +125,6 @@ def save_dequantized(model, tokenizer, directory: Path) -> None:
     """Save a GGUF-loaded model as a plain float32 safetensors model directory, plus its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
-
     from transformers.initialization import no_init_weights
 
     config = copy.deepcopy(model.config)
