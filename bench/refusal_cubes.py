@@ -4,6 +4,10 @@ variable (NaN where both are NaN counts as equal). A unit computed on fewer inst
 on the instructions both have, which must be the same texts.
 
     python -m bench.refusal_cubes BEFORE/refusal.zarr AFTER/refusal.zarr
+
+Recorded (issue 19): the demo's cube of commit d658b4c against one of commit c1f064b (shared prefill, transfer
+curves on the first 32 harmless instructions): 27 units; every completion identical (24 generation units x 100,
+8 curve units on their 32), directions, norms, activations, cosines and PCA with max abs difference 0.0.
 """
 from __future__ import annotations
 
