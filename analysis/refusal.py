@@ -96,7 +96,9 @@ def scores(profile_name: str) -> pd.DataFrame:
 def transfer_curves(profile_name: str) -> pd.DataFrame:
     """Beyond the paper: per target model and direction source, the refusal score and degenerate fraction on the
     harmless instructions against the fraction of the addition coefficient: 0 (the unsteered baseline), the curve
-    units' scales, and 1 (the addition condition). Empty when the profile has no transfer_scales."""
+    units' scales, and 1 (the addition condition), every point on the curve units' instructions (`n`: the first n
+    harmless test instructions, fewer than the table's where the profile sets transfer_n_test). Empty when the
+    profile has no transfer_scales."""
     store = cube(profile_name)
     curve = list(store.read_units("curve").values())
     if not curve:
@@ -104,23 +106,32 @@ def transfer_curves(profile_name: str) -> pd.DataFrame:
     harmless = [u for u in store.read_units("generation").values() if u.attrs["dataset"] == "harmless"]
     models = families(profile_name).set_index("model")
     sources = {(u.attrs["target"], u.attrs["source"]) for u in curve}
-    rows = []
-    for unit in curve + [u for u in harmless if u.attrs["intervention"] == "addition"]:
-        a = unit.attrs
-        if (a["target"], a["source"]) in sources:
-            rows.append(_curve_point(unit, models, a["source"], a.get("scale", 1.0)))
-    for unit in (u for u in harmless if u.attrs["source"] == "none"):  # each curve starts at the baseline
-        rows += [_curve_point(unit, models, source, 0.0) for target, source in sources
-                 if target == unit.attrs["target"]]
+    texts = {u.attrs["target"]: list(u["instruction_text"].values) for u in curve}  # a target's curves share them
+    rows = [_curve_point(unit, models, unit.attrs["source"], unit.attrs["scale"]) for unit in curve]
+    for unit in (u for u in harmless if u.attrs["target"] in texts):
+        a, first = unit.attrs, _first(unit, texts[unit.attrs["target"]])
+        if a["intervention"] == "addition" and (a["target"], a["source"]) in sources:
+            rows.append(_curve_point(first, models, a["source"], 1.0))
+        if a["source"] == "none":  # each curve starts at the baseline
+            rows += [_curve_point(first, models, source, 0.0) for target, source in sources if target == a["target"]]
     return pd.DataFrame(rows).sort_values(["target", "source", "scale"], ignore_index=True)
+
+
+def _first(unit: xr.Dataset, texts: list[str]) -> xr.Dataset:
+    """The unit's rows on the first len(texts) instructions, which must be `texts` (the curve's instructions)."""
+    first = unit.isel(instruction=slice(0, len(texts)))
+    if list(first["instruction_text"].values) != texts:
+        raise ValueError(f"the transfer curve of {unit.attrs['target']} was generated on other instructions than "
+                         f"the first {len(texts)} of its harmless conditions; rerun it: `ptr run refusal --fresh`")
+    return first
 
 
 def _curve_point(unit: xr.Dataset, models: pd.DataFrame, source: str, scale: float) -> dict:
     target = unit.attrs["target"]
     return {"family": models.loc[target, "family"], "target": target, "target_role": models.loc[target, "role"],
             "source": source, "source_role": models.loc[source, "role"], "scale": float(scale),
-            "coef": unit.attrs["coef"], "refusal_score": float(unit["refusal_score"]),
-            "degenerate": degenerate_fraction(unit)}
+            "coef": unit.attrs["coef"], "n": unit.sizes["instruction"],
+            "refusal_score": float(unit["refusal"].mean()), "degenerate": degenerate_fraction(unit)}
 
 
 def degenerate_table(tidy: pd.DataFrame) -> pd.DataFrame:
@@ -267,7 +278,8 @@ def tables(profile_name: str) -> dict[str, pd.DataFrame]:
     curves = transfer_curves(profile_name)
     if not curves.empty:
         result["Refusal: transfer curves, addition at fractions of the coefficient (beyond the paper)"] = \
-            curves.pivot_table(index=["target", "source", "scale"], values=["refusal_score", "degenerate"], sort=False)
+            curves.pivot_table(index=["target", "source", "n", "scale"], values=["refusal_score", "degenerate"],
+                              sort=False)
     result["Refusal: cosine of the refusal directions"] = direction_cosines(profile_name)
     return result
 

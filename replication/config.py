@@ -77,6 +77,9 @@ def choice(*allowed: str) -> Any:
 # Field types: YAML values are taken as they are (no "5" -> 5); an int is accepted where a float is wanted.
 Int, Float, Str, Bool = StrictInt, StrictFloat, StrictStr, StrictBool
 Positive = Annotated[StrictInt, Field(gt=0)]
+# Metadata of a field added after cubes were shipped: at its default it is left out of the configuration (and so
+# of the hashes), so the profiles that do not set it keep their hashes and their cubes stay valid.
+HASHED_WHEN_SET = {"hashed_when_set": True}
 Dtype = choice("float32", "bfloat16", "float16")
 Device = choice("auto", "cpu", "cuda")
 KnowledgeDataset = choice(*KNOWLEDGE_DATASETS)
@@ -238,6 +241,9 @@ class RefusalSettings:
     # on the harmless test instructions (a transfer curve; 1.0 is the addition condition itself). It tells a
     # direction that does not transfer from one whose full-strength addition breaks generation.
     transfer_scales: tuple[Float, ...] = ()
+    # the first N harmless test instructions the transfer curves are computed on (a curve's points at 0 and 1 are
+    # the baseline's and the addition's completions of those N); None = all n_test. The demo's saves time.
+    transfer_n_test: Optional[Positive] = field(default=None, metadata=HASHED_WHEN_SET)
     families: Optional[tuple[Str, ...]] = None
     batch_size: Optional[Positive] = None
 
@@ -561,6 +567,11 @@ def _check_profile(profile: Profile, path: Path) -> None:
     for experiment in EXPERIMENTS:
         for name in getattr(profile.experiments, experiment).families or ():
             _check_choice(name, profile.families, f"experiments.{experiment}.families entry", path)
+    refusal = profile.experiments.refusal
+    if (refusal.transfer_n_test or 0) > refusal.n_test:
+        raise ConfigError(f"{path}: experiments.refusal.transfer_n_test {refusal.transfer_n_test} exceeds n_test "
+                          f"{refusal.n_test}: the curves use the first transfer_n_test of the n_test instructions; "
+                          f"lower it or remove it")
 
 
 def _resolve_template(value: Any, templates: dict[str, str], where: str, path: Path) -> str:
@@ -715,9 +726,11 @@ def write_json_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
 
 
 def _plain(value: Any) -> Any:
-    """JSON-ready copy of a config value (dataclasses -> dicts, tuples -> lists, paths -> strings)."""
+    """JSON-ready copy of a config value (dataclasses -> dicts, tuples -> lists, paths -> strings; a HASHED_WHEN_SET
+    field at its default left out)."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.compare}
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.compare
+                and not (f.metadata.get("hashed_when_set") and getattr(value, f.name) == f.default)}
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

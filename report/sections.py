@@ -438,7 +438,8 @@ def refusal_transfer_chart(profile_name: str):
                  alt.Tooltip("coef:Q", format=".4g"), alt.Tooltip("fraction:Q", format=".2f")])
     return chart.properties(width=220, height=160).facet(
         column=alt.Column("model:N", title=None)).properties(
-        title=f"Profile {profile_name}: refusal directions added at growing strength (harmless instructions)")
+        title=f"Profile {profile_name}: refusal directions added at growing strength "
+              f"(the first {' or '.join(str(n) for n in sorted(set(curves['n'])))} harmless test instructions)")
 
 
 @needs("refusal")

@@ -201,6 +201,20 @@ def test_experiment_hash_changes_only_with_what_that_experiment_depends_on(tmp_p
     assert load_profile(write_yaml(tmp_path / "tiny.yaml", data)).experiment_hash("refusal") != hashes["refusal"]
 
 
+
+def test_a_field_added_later_enters_the_hash_only_when_set(tmp_path):
+    """transfer_n_test (HASHED_WHEN_SET): a profile that leaves it unset keeps the hash it had before the field
+    existed; setting it, even to n_test, changes the refusal hash and no other experiment's."""
+    tiny = load_profile("tiny")
+    assert "transfer_n_test" not in tiny.to_dict()["experiments"]["refusal"]
+    data = profile_data()
+    data["experiments"]["refusal"]["transfer_n_test"] = data["experiments"]["refusal"]["n_test"]
+    changed = load_profile(write_yaml(tmp_path / "tiny.yaml", data))
+    assert changed.experiment_hash("refusal") != tiny.experiment_hash("refusal")
+    assert {e: changed.experiment_hash(e) for e in ("knowledge", "truthfulness", "confidence")} == {
+        e: tiny.experiment_hash(e) for e in ("knowledge", "truthfulness", "confidence")}
+
+
 # ---- validation errors name the file, the key and the fix ----------------------------------------------------------
 
 def profile_error(tmp_path, data) -> str:
@@ -240,6 +254,9 @@ def test_bad_type_and_bad_value(tmp_path):
     data = profile_data()
     data["experiments"]["refusal"]["n_test"] = 0
     assert "experiments.refusal.n_test must be positive" in profile_error(tmp_path, data)
+    data = profile_data()
+    data["experiments"]["refusal"]["transfer_n_test"] = data["experiments"]["refusal"]["n_test"] + 1
+    assert "experiments.refusal.transfer_n_test" in profile_error(tmp_path, data)
 
 
 def test_unknown_dataset_and_family_selection(tmp_path):
@@ -333,8 +350,9 @@ SHIPPED_HASHES = Path(__file__).parent / "data" / "shipped_profile_hashes.json"
 
 def test_shipped_profiles_keep_their_hashes():
     # Recorded with the hand-written validation this schema replaced (commit 5f46f3f; demo after its transfer_scales
-    # became [0.25, 0.5], which changes its config and refusal hashes only): equal hashes mean every
-    # existing cube stays valid. A deliberate configuration change updates the file (and makes cubes stale).
+    # became [0.25, 0.5], then after its transfer_n_test: 32, each changing its config and refusal hashes only):
+    # equal hashes mean every existing cube stays valid. A deliberate configuration change updates the file (and
+    # makes cubes stale).
     recorded = json.loads(SHIPPED_HASHES.read_text())
     assert sorted(recorded) == available_profiles()
     for name, hashes in recorded.items():

@@ -188,7 +188,8 @@ def tiny_pair(tmp_path_factory):
                     "experiments:\n"
                     "  knowledge: {datasets: [cities], max_pairs: 2}\n"
                     "  truthfulness: {datasets: [cities], similarity_datasets: [cities]}\n"
-                    "  refusal: {n_train: 6, n_test: 5, max_new_tokens: 5, transfer_scales: [0.5, 1.0]}\n"
+                    "  refusal: {n_train: 6, n_test: 5, max_new_tokens: 5, transfer_scales: [0.5, 1.0],\n"
+                    "            transfer_n_test: 3}\n"
                     "  confidence: {top_norm_fraction: 0.25, n_neurons: 4, datasets: [cities]}\n")
     return load_profile(path, model_table=table)
 
@@ -300,11 +301,12 @@ def test_run_writes_directions_cosines_and_every_condition(tiny_run, tiny_pair, 
                                           steering=steer, progress=False)
     assert list(unit["completion"].values) == completions
     assert list(unit["instruction_text"].values) == test
-    # a transfer-curve point: the same direction at half the coefficient
+    # a transfer-curve point: the same direction at half the coefficient, on the first transfer_n_test instructions
     half = dataclasses.replace(steer, coef=0.5)
     curve = store.read_unit("curve__tiny-chat__tiny-llama__0.5")
     assert list(curve["completion"].values) == refusal.greedy_generate(
-        model, refusal.prompts(model, spec, test), max_new_tokens=5, steering=half, progress=False)
+        model, refusal.prompts(model, spec, test[:3]), max_new_tokens=5, steering=half, progress=False)
+    assert list(curve["instruction_text"].values) == test[:3]
     assert (curve.attrs["coef"], curve.attrs["scale"]) == (0.5, 0.5)
     for name in expected:
         unit = store.read_unit(name)
@@ -367,9 +369,14 @@ def test_analysis_reads_the_tiny_cube(tiny_run, monkeypatch):
     assert len(curves) == 2 * 2 * 3 and sorted(set(curves["scale"])) == [0.0, 0.5, 1.0]
     forward_curve = curves[(curves["target"] == "tiny-chat") & (curves["source"] == "tiny-llama")]
     baseline = store.read_unit("generation__tiny-chat__none__none__harmless")
-    assert forward_curve["refusal_score"].tolist() == [float(baseline["refusal_score"]), float(
-        store.read_unit("curve__tiny-chat__tiny-llama__0.5")["refusal_score"]), float(forward["refusal_score"])]
-    assert forward_curve["coef"].tolist() == [0.0, 0.5, 1.0]
+    # every point on the curve's 3 instructions (transfer_n_test): the baseline's and the addition's first 3
+    assert forward_curve["refusal_score"].tolist() == [
+        refusal_score(baseline["completion"].values[:3]),
+        float(store.read_unit("curve__tiny-chat__tiny-llama__0.5")["refusal_score"]),
+        refusal_score(forward["completion"].values[:3])]
+    assert forward_curve["degenerate"].tolist()[2] == np.mean(
+        [analysis.is_degenerate(c) for c in forward["completion"].values[:3]])
+    assert forward_curve["coef"].tolist() == [0.0, 0.5, 1.0] and set(curves["n"]) == {3}
     points, arrows = analysis.pca_data(name)
     assert len(points) == 2 * 2 * 6 and len(arrows) == 4
     assert arrows[["explained_pc1", "explained_pc2"]].to_numpy().sum(axis=1).max() <= 1 + 1e-6

@@ -115,11 +115,13 @@ def test_batched_cached_generation_equals_recompute_loop(tokenizer, arch, interv
     assert len(set(batched)) > 1  # the prompts do lead to different completions
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", sorted(ATTN_OUT))
 @pytest.mark.parametrize("stop_at_eos", [False, True])
 def test_conditions_sharing_forward_passes_equal_each_generated_alone(tokenizer, arch, stop_at_eos):
-    """greedy_generate_many stacks the conditions of one model and prompts in a batch (refusal.run's fast path):
-    each condition's completions equal its own greedy_generate, token for token, whatever the others do."""
+    """greedy_generate_many stacks the conditions of one model and prompts in a batch (refusal.run's fast path)
+    and computes the prompt's blocks below the steered one once for the conditions that do not edit them: each
+    condition's completions equal its own greedy_generate, token for token, whatever the others do. (Gemma3's
+    tiny sliding window, 8 tokens, is shorter than the prompts: its cache keeps a window.)"""
     hf_model = build_model(arch, seed=2, tokenizer=tokenizer)
     model = LanguageModel(hf_model, tokenizer=tokenizer)
     steerings = [None, make_steering(hf_model, arch, "addition", seed=3, strength=1.0),
@@ -148,3 +150,23 @@ def test_stop_at_eos_truncates_at_the_first_end_token(tokenizer):
         assert full.startswith(short)
     assert after_eos[0] != ""  # the original's behaviour: the text decoded after EOS is kept
     assert truncate_at_stop([5, 6, 1, 7, 1], {1}) == [5, 6] and truncate_at_stop([5, 6], {1}) == [5, 6]
+
+
+def test_shared_prefill_computes_the_blocks_below_the_steered_one_once(tokenizer):
+    """Addition and subtraction at block 1 and the baseline share block 0 over the prompt; ablation (every block)
+    keeps its own rows: block 0's MLP sees 2 blocks of prompt rows, block 1's all 4."""
+    hf_model = build_model("llama", seed=2, tokenizer=tokenizer)
+    model = LanguageModel(hf_model, tokenizer=tokenizer)
+    steerings = [None, make_steering(hf_model, "llama", "addition", seed=3, strength=1.0),
+                 make_steering(hf_model, "llama", "subtraction", seed=5, strength=1.0),
+                 make_steering(hf_model, "llama", "ablation", seed=4)]
+    prompt_rows = {0: [], 1: []}
+    handles = [hf_model.model.layers[i].mlp.register_forward_hook(
+        lambda module, args, output, i=i: prompt_rows[i].append(len(args[0])) if args[0].shape[1] > 1 else None)
+        for i in prompt_rows]
+    try:
+        greedy_generate_many(model, PROMPTS[:3], steerings, max_new_tokens=3, batch_size=3, progress=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert prompt_rows == {0: [2 * 3], 1: [4 * 3]}

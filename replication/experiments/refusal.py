@@ -40,7 +40,8 @@ Cube ``results/<profile>/refusal.zarr``, resumable per unit:
 * ``generation__<target>__<source>__<intervention>__<dataset>``: every completion, its refusal flag and the
   refusal score of one condition; source and intervention are "none" for the unsteered baseline.
 * ``curve__<target>__<source>__<scale>``: the same for one point of a transfer curve (beyond the paper): the
-  source's direction added to the target on the harmless instructions at `scale` x the addition coefficient.
+  source's direction added to the target on the first transfer_n_test harmless instructions (all n_test by
+  default) at `scale` x the addition coefficient.
 
 `sweep(profile)` chooses refusal_layer / refusal_pos / coefficients for models without the original's settings
 (the demo models), writing its grid to ``results/<profile>/refusal_sweep.zarr``.
@@ -196,6 +197,13 @@ def conditions(profile: Profile, target: str) -> list[Condition]:
                         for source in sources for intervention, dataset in STEERED] + curve
 
 
+def instruction_count(profile: Profile, condition: Condition) -> int:
+    """How many of its dataset's test instructions (the first ones) a condition is generated on: n_test, or for a
+    transfer-curve point transfer_n_test where the profile sets it."""
+    settings = profile.experiment(EXPERIMENT)
+    return (settings.transfer_n_test or settings.n_test) if condition.scale is not None else settings.n_test
+
+
 def coefficient(profile: Profile, condition: Condition) -> float:
     """The coefficient of an addition (refusal_coef_add) or subtraction (refusal_coef_sub), of the steered model
     or of the direction's model, as the steered model's refusal_coef_of says; ablation has none (0)."""
@@ -282,15 +290,16 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
         release()
         if model is None:
             model = load_model(spec, dtype=model_dtype(profile, spec), device=profile.device)
-        for dataset in progress_bar(KINDS, desc=key, leave=False, enabled=progress):
-            # every condition on these instructions in one generation (their units equal separate generations')
-            group = [c for c in todo if c.dataset == dataset]
+        groups = {}  # every condition on the same instructions in one generation (units equal separate ones')
+        for condition in todo:
+            groups.setdefault((condition.dataset, instruction_count(profile, condition)), []).append(condition)
+        for (dataset, count), group in progress_bar(groups.items(), desc=key, leave=False, enabled=progress):
             steers = [condition_steering(profile, c, None if c.source == NONE else chosen_direction(units[c.source]))
                       for c in group]
-            generated = generation_units(model, spec, test[dataset], steers, batch_size=batch_size,
+            generated = generation_units(model, spec, test[dataset][:count], steers, batch_size=batch_size,
                                          max_new_tokens=settings.max_new_tokens, stop_at_eos=settings.stop_at_eos,
-                                         progress=progress) if group else []
-            for condition, unit in zip(group, generated):
+                                         progress=progress)
+            for condition, unit in zip(group, generated, strict=True):
                 store.write_unit(condition.unit, unit.assign_attrs(
                     target=condition.target, source=condition.source, intervention=condition.intervention,
                     dataset=condition.dataset, scale=1.0 if condition.scale is None else condition.scale))
