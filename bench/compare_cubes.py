@@ -2,7 +2,10 @@
 numbers. For every cube (`<experiment>.zarr`) and every finished unit present in both: per numeric variable (and
 numeric coordinate) the largest absolute difference (NaN where both are NaN counts as equal; shapes must match),
 per string or boolean variable whether it is equal; and the unit's wall time in each (its started_at/finished_at
-attrs). Units found in only one directory are listed.
+attrs). Units found in only one directory are listed. A unit computed on fewer items in one directory (e.g. the
+demo's refusal transfer curves once `transfer_n_test` cut them to the first 32 instructions) is compared on the
+items both have, and says so; the items' own coordinates (e.g. instruction_text) are then compared like any
+variable, so other items would show as unequal.
 
     python -m bench.compare_cubes BEFORE_DIR AFTER_DIR [--experiment confidence ...] [--json OUT]
 
@@ -45,10 +48,15 @@ def compare_arrays(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def compare_units(a: xr.Dataset, b: xr.Dataset) -> dict:
-    """Per variable and coordinate of two units: the comparison of `compare_arrays`; names in one only."""
+    """Per variable and coordinate of two units: the comparison of `compare_arrays` on the leading items both have
+    along every dimension (`truncated`: the dimensions cut, with both sizes); names in one only."""
+    truncated = {dim: [a.sizes[dim], b.sizes[dim]] for dim in set(a.dims) & set(b.dims) if a.sizes[dim] != b.sizes[dim]}
+    common = {dim: slice(0, min(sizes)) for dim, sizes in truncated.items()}
+    a, b = a.isel(common), b.isel(common)
     names_a, names_b = set(a.variables), set(b.variables)
     result = {name: compare_arrays(a[name].values, b[name].values) for name in sorted(names_a & names_b)}
-    return {"variables": result, "only_before": sorted(names_a - names_b), "only_after": sorted(names_b - names_a)}
+    return {"variables": result, "truncated": truncated, "only_before": sorted(names_a - names_b),
+            "only_after": sorted(names_b - names_a)}
 
 
 def compare_dirs(before: Path, after: Path, experiments: list[str] | None = None) -> dict:
@@ -94,7 +102,9 @@ def print_report(report: dict) -> None:
             numeric = {n: c["max_abs_diff"] for n, c in result["variables"].items() if "max_abs_diff" in c}
             worst = max(numeric.items(), key=lambda item: item[1], default=("-", 0.0))
             unequal = [n for n, c in result["variables"].items() if c.get("equal") is False or "shape" in c]
-            print(f"{unit}:{times}  largest |diff| {worst[1]:.3g} ({worst[0]}); unequal: {unequal or 'none'}")
+            cut = "".join(f"; compared on the first {min(n)} of {n[0]} / {n[1]} {dim}"
+                          for dim, n in result["truncated"].items())
+            print(f"{unit}:{times}  largest |diff| {worst[1]:.3g} ({worst[0]}); unequal: {unequal or 'none'}{cut}")
             for name, value in sorted(numeric.items()):
                 print(f"    {name:32s} {value:.3g}")
         print(f"   unit time: {total['before']:.1f} s -> {total['after']:.1f} s")
