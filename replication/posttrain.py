@@ -39,7 +39,6 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 from replication.progress import progress_bar
 
 from data_prep.datasets import instructions
@@ -47,13 +46,7 @@ from data_prep.prompts import intervention_table
 from data_prep.sft import SFTMaterial, cut_reply, material_sources
 from replication.config import ModelSpec, Profile, load_model_table
 from replication.mechanics.forward import true_false_probabilities
-from replication.mechanics.generation import (
-    eos_token_ids,
-    greedy_generate,
-    hf_module,
-    position_ids_from_mask,
-    truncate_at_stop,
-)
+from replication.mechanics.generation import greedy_generate, hf_module
 from replication.mechanics.refusal_score import REFUSAL_PHRASES, is_refusal
 from replication.models import format_prompt, load_model, prompts, resolve_device
 from replication.models.posttrained import (
@@ -241,48 +234,17 @@ def settled_refusal(text: str) -> bool | None:
     return False
 
 
-@torch.inference_mode()
 def refusal_flags(model, prompts: list[str], *, max_new_tokens: int, batch_size: int,
                   progress: bool = False) -> list[bool]:
     """`is_refusal` of each prompt's `greedy_generate` completion, a batch stopped as soon as every row's flag is
-    settled (`settled_refusal`, or its end of sequence). The batches, their left padding and the decoding loop are
-    greedy_generate's (generation.greedy_tokens), so each step's tokens are the same; only the steps that could not
-    change a flag are left out (tests/test_posttrain.py checks the flags against greedy_generate's completions)."""
-    tokenizer, hf_model = model.tokenizer, hf_module(model)
-    if tokenizer.clean_up_tokenization_spaces:  # decoding more tokens could then rewrite text already decoded
+    settled (`settled_refusal`, or its end of sequence): the same batches and tokens, only the steps that could not
+    change a flag left out (tests/test_posttrain.py checks the flags against greedy_generate's full completions)."""
+    if model.tokenizer.clean_up_tokenization_spaces:  # decoding more tokens could then rewrite text already decoded
         raise ValueError("refusal_flags needs a tokenizer whose decoding only appends text "
                          "(clean_up_tokenization_spaces is set)")
-    stop_ids = eos_token_ids(model)
-    encoded = tokenizer(prompts).input_ids
-    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
-    flags: list[bool | None] = [None] * len(prompts)
-    device = next(hf_model.parameters()).device
-    for start in progress_bar(range(0, len(prompts), batch_size), desc="refusal", unit="batch", enabled=progress):
-        rows = order[start:start + batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt",
-                              padding_side="left").to(device)
-        step_ids, attention_mask = batch.input_ids, batch.attention_mask
-        position_ids = position_ids_from_mask(attention_mask)
-        cache = DynamicCache(config=hf_model.config)
-        tokens: list[list[int]] = [[] for _ in rows]
-        for step in range(max_new_tokens):
-            logits = hf_model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            next_token = logits.argmax(-1)
-            for row_tokens, token in zip(tokens, next_token.tolist()):
-                row_tokens.append(token)
-            last = step == max_new_tokens - 1
-            for row, row_tokens in zip(rows, tokens):
-                kept = truncate_at_stop(row_tokens, stop_ids)
-                text = tokenizer.decode(kept, skip_special_tokens=True)
-                ended = last or len(kept) < len(row_tokens)
-                flags[row] = is_refusal(text) if ended else settled_refusal(text)
-            if all(flags[row] is not None for row in rows):
-                break
-            step_ids = next_token[:, None]
-            attention_mask = F.pad(attention_mask, (0, 1), value=1)
-            position_ids = position_ids[:, -1:] + 1
-    return flags
+    completions = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  progress=progress, until=lambda text: settled_refusal(text) is not None)
+    return [is_refusal(completion) for completion in completions]
 
 
 def refusal_rate(model, spec: ModelSpec, kind: str, evaluation: EvaluationRecipe, progress: bool = False) -> float:

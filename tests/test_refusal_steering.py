@@ -152,6 +152,16 @@ def test_stop_at_eos_truncates_at_the_first_end_token(tokenizer):
     assert truncate_at_stop([5, 6, 1, 7, 1], {1}) == [5, 6] and truncate_at_stop([5, 6], {1}) == [5, 6]
 
 
+def test_until_stops_a_batch_once_every_row_needs_no_more_tokens(tokenizer):
+    model = LanguageModel(build_model("llama", seed=2, tokenizer=tokenizer), tokenizer=tokenizer)
+    full = greedy_generate(model, PROMPTS, max_new_tokens=10, batch_size=2, progress=False, stop_at_eos=False)
+    long_enough = lambda text: len(text) >= 3  # noqa: E731
+    cut = greedy_generate(model, PROMPTS, max_new_tokens=10, batch_size=2, progress=False, stop_at_eos=False,
+                          until=long_enough)
+    assert all(f.startswith(c) and long_enough(c) for f, c in zip(full, cut))  # the same tokens, fewer of them
+    assert sum(map(len, cut)) < sum(map(len, full))
+
+
 def test_shared_prefill_computes_the_blocks_below_the_steered_one_once(tokenizer):
     """Addition and subtraction at block 1 and the baseline share block 0 over the prompt; ablation (every block)
     keeps its own rows: block 0's MLP sees 2 blocks of prompt rows, block 1's all 4."""

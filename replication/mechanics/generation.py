@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,19 +137,25 @@ def shared_prefill(hf_model: torch.nn.Module, input_ids: torch.Tensor, attention
 
 @torch.inference_mode()
 def greedy_tokens(hf_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  steerings: Sequence[Steering | None], max_new_tokens: int,
-                  stop_ids: set[int] = frozenset()) -> torch.Tensor:
+                  steerings: Sequence[Steering | None], max_new_tokens: int, stop_ids: set[int] = frozenset(),
+                  until: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """(len(steerings) x batch, steps) greedy continuation of a left-padded batch of prompts under each steering,
-    block i of the rows under steering i; stops early once every row has produced one of `stop_ids` (rows are
-    independent, so the tokens of unfinished rows do not depend on when it stops)."""
+    block i of the rows under steering i; stops early once every row has produced one of `stop_ids` or, with
+    `until` (the tokens so far [rows, steps] -> a bool per row: nothing more is needed of it), once every row is
+    done (rows are independent, so the tokens of unfinished rows do not depend on when it stops)."""
     cache = DynamicCache(config=hf_model.config)
     next_token = shared_prefill(hf_model, input_ids, attention_mask, steerings, cache).argmax(-1)
     attention_mask = attention_mask.repeat(len(steerings), 1)
     position_ids = position_ids_from_mask(attention_mask)[:, -1:]
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=input_ids.device)
     new_tokens, finished = [next_token], torch.isin(next_token, stop)
+
+    def all_done() -> bool:
+        done = finished if stop_ids else torch.zeros_like(finished)
+        return bool((done | until(torch.stack(new_tokens, dim=1)) if until else done).all())
+
     with steered(hf_model, steerings):
-        while len(new_tokens) < max_new_tokens and not (stop_ids and bool(finished.all())):
+        while len(new_tokens) < max_new_tokens and not all_done():
             attention_mask = F.pad(attention_mask, (0, 1), value=1)
             position_ids = position_ids + 1
             next_token = hf_model(input_ids=next_token[:, None], attention_mask=attention_mask,
@@ -169,21 +175,23 @@ def truncate_at_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
 
 
 def greedy_generate(model, prompts: list[str], *, max_new_tokens: int = 16, batch_size: int = 8,
-                    steering: Steering | None = None, progress: bool = True, stop_at_eos: bool = True) -> list[str]:
+                    steering: Steering | None = None, progress: bool = True, stop_at_eos: bool = True,
+                    until: Callable[[str], bool] | None = None) -> list[str]:
     """Greedy completions of already-formatted prompts, in input order.
 
     `model` is a loaded model (nnsight LanguageModel with `.tokenizer`). Prompts are tokenised with the tokenizer's
     own special-token handling (BOS where it adds one), left-padded, and batched in order of length so that rows of
     a batch need little padding. `stop_at_eos=False` keeps generating after an end-of-sequence token, as the
-    original does (its completions include the text decoded after EOS).
+    original does (its completions include the text decoded after EOS). `until(completion so far)` True: that row
+    needs no more tokens; a batch stops once every row does (its completions are then shorter, as far as generated).
     """
     return greedy_generate_many(model, prompts, [steering], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                progress=progress, stop_at_eos=stop_at_eos)[0]
+                                progress=progress, stop_at_eos=stop_at_eos, until=until)[0]
 
 
 def greedy_generate_many(model, prompts: list[str], steerings: Sequence[Steering | None], *,
                          max_new_tokens: int = 16, batch_size: int = 8, progress: bool = True,
-                         stop_at_eos: bool = True) -> list[list[str]]:
+                         stop_at_eos: bool = True, until: Callable[[str], bool] | None = None) -> list[list[str]]:
     """`greedy_generate` of the same prompts under each of `steerings` (None: unsteered), one list per steering.
 
     The conditions share each forward pass: a batch holds the same `batch_size` prompts (the same rows, the same
@@ -197,14 +205,21 @@ def greedy_generate_many(model, prompts: list[str], steerings: Sequence[Steering
     order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i))
     completions: list[list[str | None]] = [[None] * len(prompts) for _ in steerings]
     device = next(hf_model.parameters()).device
+
+    def decode(row_tokens: list[int]) -> str:
+        kept = truncate_at_stop(row_tokens, stop_ids) if stop_at_eos else row_tokens
+        return tokenizer.decode(kept, skip_special_tokens=True)
+
+    def rows_done(tokens: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([until(decode(row_tokens)) for row_tokens in tokens.tolist()], device=tokens.device)
+
     for start in progress_bar(range(0, len(prompts), batch_size), desc="generate", unit="batch", enabled=progress):
         rows = order[start:start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt",
                               padding_side="left").to(device)
         tokens = greedy_tokens(hf_model, batch.input_ids, batch.attention_mask, steerings, max_new_tokens,
-                               stop_ids if stop_at_eos else set())
+                               stop_ids if stop_at_eos else set(), rows_done if until else None)
         for block, block_tokens in zip(completions, tokens.split(len(rows))):
             for row, row_tokens in zip(rows, block_tokens.tolist()):
-                kept = truncate_at_stop(row_tokens, stop_ids) if stop_at_eos else row_tokens
-                block[row] = tokenizer.decode(kept, skip_special_tokens=True)
+                block[row] = decode(row_tokens)
     return completions
