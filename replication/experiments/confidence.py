@@ -43,7 +43,7 @@ from data_prep.prompts import intervention_table
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
 from replication.mechanics.forward import SharedPrefixes, answer_token_ids
-from replication.models import WEIGHTS_DTYPE, load_model, module_at
+from replication.models import LAST_POSITION, WEIGHTS_DTYPE, load_model, module_at
 from replication.provenance import provenance
 
 EXPERIMENT = "confidence"
@@ -226,12 +226,12 @@ def last_position_logits(model, spec: ModelSpec, prompts: Sequence[str], batch_s
                          prefixes: SharedPrefixes | None = None) -> torch.Tensor:
     """[n_prompts, d_vocab] float32 logits of the next token after each prompt: batches of similar length through
     nnsight, the prompts' shared few-shot tokens run once (`prefixes`, built here unless given), only the last
-    position's logits computed (logits_to_keep=1). With `neuron_values` = (neuron indices, values), those
+    position's logits computed (logits_to_keep=LAST_POSITION). With `neuron_values` = (neuron indices, values), those
     last-layer neurons take these values at the last position (mean ablation)."""
     prefixes = prefixes or SharedPrefixes(model, prompts, batch_size=batch_size)
     result = None
     for batch in progress_bar(prefixes.batches(batch_size), desc="forward", enabled=progress, leave=False):
-        with torch.inference_mode(), model.trace(batch.input_ids, **batch.inputs, logits_to_keep=1):
+        with torch.inference_mode(), model.trace(batch.input_ids, **batch.inputs, logits_to_keep=LAST_POSITION):
             if neuron_values is not None:
                 neurons, values = neuron_values
                 activations = mlp_out_module(model, spec).input

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from data_prep.prompts import SUFFIX
 from replication.mechanics.generation import hf_module
-from replication.models import position_ids_for
+from replication.models import LAST_POSITION, position_ids_for
 from replication.progress import progress_bar
 
 
@@ -62,7 +62,7 @@ def resid_pre_activations(model, texts: Sequence[str], positions: Sequence[int],
     for batch in progress_bar(length_batches(model.tokenizer, texts, batch_size), desc="activations", leave=False,
                       enabled=progress):
         input_ids, attention_mask = (t.to(device) for t in encode(model.tokenizer, [texts[i] for i in batch]))
-        states = hf_model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1,
+        states = hf_model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=LAST_POSITION,
                           position_ids=position_ids_for(attention_mask), output_hidden_states=True).hidden_states
         # hidden_states[-1] is after the final norm, not the input of a block
         acts = torch.stack(states[:-1], dim=1)[:, :, list(positions)]
@@ -118,7 +118,7 @@ def true_false_probabilities(model, layers: Sequence, prompts: Sequence[str], *,
         raise ValueError(f"a prompt does not end in the tokens of {SUFFIX!r}; the edit positions would be wrong")
     probabilities = torch.empty(len(prompts), 2)
     for batch in progress_bar(prefixes.batches(batch_size), desc="prompts", enabled=progress, leave=False):
-        with torch.inference_mode(), model.trace(batch.input_ids, **batch.inputs, logits_to_keep=1):
+        with torch.inference_mode(), model.trace(batch.input_ids, **batch.inputs, logits_to_keep=LAST_POSITION):
             if shifts is not None:
                 for index in edit_layers:
                     hidden = layers[index].output
@@ -235,7 +235,7 @@ class SharedPrefixes:
             cache = DynamicCache()  # no config: plain layers that keep every position, whatever the sliding windows
             with self.model.trace(input_ids.to(self.device), attention_mask=mask.to(self.device),
                                   position_ids=position_ids_for(mask).to(self.device), cache=cache, use_cache=True,
-                                  logits_to_keep=1):
+                                  logits_to_keep=LAST_POSITION):
                 pass
             for j, row in enumerate(rows):
                 result[start + j] = [(layer.keys[j:j + 1, :, width - len(row):],

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from replication.mechanics.steering import Steering, steered
+from replication.models import LAST_POSITION
 from replication.progress import progress_bar
 
 
@@ -80,7 +81,7 @@ def prefill(hf_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: 
     with steered(hf_model, steerings):
         return hf_model(input_ids=input_ids.repeat(len(steerings), 1), attention_mask=mask,
                         position_ids=position_ids_from_mask(mask), cache=cache, use_cache=True,
-                        logits_to_keep=1).logits[:, -1]
+                        logits_to_keep=LAST_POSITION).logits[:, -1]
 
 
 @torch.inference_mode()
@@ -160,7 +161,7 @@ def greedy_tokens(hf_model: torch.nn.Module, input_ids: torch.Tensor, attention_
             position_ids = position_ids + 1
             next_token = hf_model(input_ids=next_token[:, None], attention_mask=attention_mask,
                                   position_ids=position_ids, cache=cache, use_cache=True,
-                                  logits_to_keep=1).logits[:, -1].argmax(-1)
+                                  logits_to_keep=LAST_POSITION).logits[:, -1].argmax(-1)
             new_tokens.append(next_token)
             finished |= torch.isin(next_token, stop)
     return torch.stack(new_tokens, dim=1)

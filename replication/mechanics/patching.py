@@ -53,6 +53,13 @@ class PatchModel:
         return module.weight[ids], None if module.bias is None else module.bias[ids]
 
 
+def answer_logits_only(model: PatchModel) -> None:
+    """Inside a trace: the LM head computes only the TRUE and FALSE logits, columns 0 and 1 of the output (the rest
+    of the vocabulary is never read)."""
+    weight, bias = model.answer_unembedding()
+    model.head.skip(functional.linear(model.head.input, weight, bias))
+
+
 def logit_difference(logits: torch.Tensor, answer_ids: tuple[int, int]) -> torch.Tensor:
     """logit(TRUE) - logit(FALSE) at the last position, per batch row, subtracted in float32."""
     last = logits[:, -1].float()
@@ -75,9 +82,10 @@ def unpatched_run(model: PatchModel, ids: torch.Tensor, n_toks: int) -> Run:
                                                 logits_to_keep=1):
         for layer in model.layers:
             states.append(layer.output[:, -n_toks:].save())
+        answer_logits_only(model)
         logits = model.lm.output.logits.save()
     keys_values = [(cached.keys, cached.values) for cached in cache.layers]
-    return Run(torch.stack(states), keys_values, logit_difference(logits, model.answer_ids))
+    return Run(torch.stack(states), keys_values, logit_difference(logits, (0, 1)))
 
 
 # ---- reference: the original loop ------------------------------------------------------------------------------
@@ -133,7 +141,6 @@ def patched_suffix_run(model: PatchModel, suffix_ids: torch.Tensor, prefix_keys_
     # Skipped layers before it are handed the same tensor, never read: a skipped layer ignores its input.
     start = rows(false_states[first]).clone()
     start[0::size, 0] = true_states[first]
-    weight, bias = model.answer_unembedding()
     ids = rows(suffix_ids)
     # The mask must cover the cached tokens too: given none beside a cache, nnsight makes one of the input's
     # length, which the model misreads.
@@ -144,7 +151,7 @@ def patched_suffix_run(model: PatchModel, suffix_ids: torch.Tensor, prefix_keys_
             layer.skip(start)
         for j in range(1, size):
             model.layers[first + j].output[j::size, 0] = true_states[first + j]
-        model.head.skip(functional.linear(model.head.input, weight, bias))  # two logits: TRUE, FALSE
+        answer_logits_only(model)
         logits = model.lm.output.logits.save()
     return logit_difference(logits, (0, 1)).view(-1, size)
 

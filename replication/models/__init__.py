@@ -13,6 +13,7 @@ by `ptr posttrain`: loading never trains), tiny random model built in code). Fac
   token, so a padded prompt gets the same states as the prompt alone. A plain HF forward of the same batch
   without `position_ids` counts the pad positions and differs: reference implementations must pass the same ids
   (`position_ids_for(attention_mask)`).
+* The last position's logits through the whole LM head: `logits_to_keep=LAST_POSITION`, not `1` (below).
 * Parameters are loaded with `requires_grad=False` (analysis only; no autograd graphs are kept). Code that trains
   a loaded model turns it back on.
 """
@@ -36,6 +37,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # The confidence experiment's dtype: the original's TransformerLens models are fp32; bf16 loading would round fp16
 # weights. Here, beside model_dtype, because memory planning needs both without importing the experiments.
 WEIGHTS_DTYPE = "float32"
+# `logits_to_keep` for the last position's logits. An index tensor, not the int 1: for an int, transformers hands the
+# LM head the strided view hidden_states[:, -1:, :], which torch.matmul multiplies as one matrix-vector product per
+# row (a bmm over the head's weight expanded per row: on a CPU a batch of 16 through Gemma-3's 262k-word head took
+# 470 ms instead of 120 ms); an index tensor gathers a contiguous copy, multiplied as one matrix product. Same
+# logits up to float rounding (the two products sum in different orders).
+LAST_POSITION = torch.tensor([-1])
 
 
 class ModelNotAvailableError(RuntimeError):
