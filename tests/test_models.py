@@ -14,6 +14,7 @@ from nnsight import TransformersModel
 from data_prep.paths import REPO_ROOT
 from replication.config import load_model_table
 from replication.models import (
+    LAST_POSITION,
     NotPosttrainedError,
     decoder_layers,
     format_prompt,
@@ -140,6 +141,24 @@ def test_nnsight_layer_outputs_equal_hooks_and_hf_hidden_states(table, key):
         assert torch.equal(final_norm(saved[-1]), hidden[-1])  # HF's last entry is after the final norm
     for layer, nnsight_output in enumerate(saved[:-1]):
         assert torch.equal(nnsight_output, hidden[layer + 1])
+
+
+@pytest.mark.parametrize("key", TINY_KEYS)
+def test_last_position_logits_are_the_full_forwards_last_row(table, key):
+    """logits_to_keep=LAST_POSITION keeps one position, the last, through the model's own head (soft-capping
+    included), directly and through nnsight: the full forward's last row up to the rounding of another product."""
+    model = load_model(table[key])
+    encoding = model.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    inputs = {**encoding, "position_ids": position_ids_for(encoding.attention_mask)}
+    with torch.no_grad():
+        full = model._module(**inputs).logits
+        last = model._module(**inputs, logits_to_keep=LAST_POSITION).logits
+    with torch.no_grad(), model.trace(encoding.input_ids, attention_mask=encoding.attention_mask,
+                                      logits_to_keep=LAST_POSITION):
+        traced = model.output.logits.save()
+    assert full.shape[1] > 1 and last.shape == traced.shape == (len(PROMPTS), 1, full.shape[-1])
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced, last, rtol=1e-5, atol=1e-5)
 
 
 def test_padded_prompt_gets_the_states_of_the_prompt_alone(table):
