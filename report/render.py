@@ -33,7 +33,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from traitlets.config import Config
 
-from data_prep.paths import work_root
+from data_prep.paths import REPO_ROOT, work_root
 from replication.config import resolve_profile
 
 REPORT_DIR = Path(__file__).resolve().parent
@@ -118,6 +118,14 @@ def to_notebook(blocks: list[str | Chunk]) -> nbformat.NotebookNode:
     return nbformat.v4.new_notebook(cells=cells)
 
 
+def kernel_environment(profile: str) -> dict[str, str]:
+    """The environment of the report's Python: the profile, and this checkout first on the import path. The kernel
+    starts in report/, so without it `import analysis` finds whatever the interpreter has installed, which may be
+    another checkout (one virtual environment shared by two clones) reading that checkout's results."""
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PTR_PROFILE": profile, "PYTHONPATH": path}
+
+
 def execute(notebook: nbformat.NotebookNode, profile: str) -> nbformat.NotebookNode:
     """Run every cell in a kernel of this interpreter (jupyter_client runs kernelspec 'python' as sys.executable)."""
     with tempfile.TemporaryDirectory() as sockets:
@@ -126,7 +134,7 @@ def execute(notebook: nbformat.NotebookNode, profile: str) -> nbformat.NotebookN
                                 resources={"metadata": {"path": str(REPORT_DIR)}},
                                 config=Config({"KernelManager": {"transport": "ipc", "ip": f"{sockets}/kernel"}}))
         try:
-            client.execute(env={**os.environ, "PTR_PROFILE": profile})
+            client.execute(env=kernel_environment(profile))
         except CellExecutionError as err:
             cell = next((c for c in notebook.cells
                          if any(o.get("output_type") == "error" for o in c.get("outputs", []))), None)
@@ -273,7 +281,7 @@ def render_with_quarto(profile: str, formats=FORMATS, out_dir: Path | None = Non
     out_dir = Path(out_dir) if out_dir else OUTPUT_DIR / resolve_profile(profile).name  # a name or a YAML path
     (out_dir / DECLARED).unlink(missing_ok=True)  # only the fallback renderer knows what it shows (report.check)
     to = ",".join("typst" if fmt == "pdf" else fmt for fmt in formats)
-    env = {**os.environ, "PTR_PROFILE": profile, "QUARTO_PYTHON": sys.executable}
+    env = {**kernel_environment(profile), "QUARTO_PYTHON": sys.executable}
     subprocess.run([quarto, "render", str(REPORT_DIR), "--to", to, "--output-dir", str(out_dir.resolve())],
                    env=env, check=True)
     return {fmt: out_dir / f"report.{fmt}" for fmt in formats}

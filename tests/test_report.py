@@ -174,6 +174,17 @@ def test_a_failing_chunk_names_its_line():
         rr.execute(notebook, "demo")
 
 
+@pytest.mark.slow
+def test_the_report_kernel_imports_this_checkout(tmp_path, monkeypatch):
+    """The kernel starts in report/: this checkout goes first on its import path, before what the environment puts
+    there (here a decoy `analysis` package, as another checkout sharing the virtual environment would be)."""
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    notebook = rr.to_notebook([rr.Chunk("import analysis\nprint(analysis.__file__)", {}, line=1)])
+    assert rr.execute(notebook, "tiny").cells[0].outputs[0].text.strip() == str(REPO_ROOT / "analysis" / "__init__.py")
+
+
 def test_render_rejects_unknown_formats():
     with pytest.raises(ValueError, match="unknown report formats"):
         rr.render("demo", formats=("docx",))
@@ -184,13 +195,16 @@ def test_quarto_renders_the_same_project_with_the_profile_set(tmp_path, monkeypa
     log = tmp_path / "quarto-call.txt"
     fake = tmp_path / "bin" / "quarto"
     fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" "PTR_PROFILE=$PTR_PROFILE" "QUARTO_PYTHON=$QUARTO_PYTHON" > {log}\n')
+    fake.write_text(f'#!/bin/sh\necho "$@" "PTR_PROFILE=$PTR_PROFILE" "QUARTO_PYTHON=$QUARTO_PYTHON" '
+                    f'"PYTHONPATH=$PYTHONPATH" > {log}\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     result = CliRunner().invoke(rr.main, ["--profile", "paper", "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert log.read_text().split() == ["render", str(rr.REPORT_DIR), "--to", "html,typst", "--output-dir",
-                                       str(tmp_path / "out"), "PTR_PROFILE=paper", f"QUARTO_PYTHON={sys.executable}"]
+                                       str(tmp_path / "out"), "PTR_PROFILE=paper", f"QUARTO_PYTHON={sys.executable}",
+                                       f"PYTHONPATH={REPO_ROOT}"]
     assert result.output.split() == [str(tmp_path / "out" / "report.html"), str(tmp_path / "out" / "report.pdf")]
 
 
