@@ -213,6 +213,13 @@ def unfinished_note(store: CubeStore) -> str:
             f"on or interrupted; its numbers are partial. Running the experiment again resumes it.")
 
 
+SET_ASIDE = ".stale-"  # in the name of a cube set aside by `set_aside`: <experiment>.stale-<UTC time>.zarr
+
+
+def is_set_aside(path: str | Path) -> bool:
+    return SET_ASIDE in Path(path).name
+
+
 def set_aside(path: str | Path) -> Path | None:
     """Rename an existing store to `<name>.stale-<UTC time>.zarr` beside it (kept, never deleted), under its
     writer lock; the new path, or None when there was no store."""
@@ -222,6 +229,6 @@ def set_aside(path: str | Path) -> Path | None:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     lock = lock_cube(path)
     try:
-        return path.rename(path.with_name(f"{path.stem}.stale-{stamp}{path.suffix}"))
+        return path.rename(path.with_name(f"{path.stem}{SET_ASIDE}{stamp}{path.suffix}"))
     finally:
         lock.release()

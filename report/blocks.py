@@ -27,7 +27,7 @@ from analysis import audit
 from analysis.figures import markdown_table
 from data_prep.paths import REPO_ROOT
 from replication.config import load_profile, resolve_profile
-from replication.cubes import UNITS_GROUP, StaleCubeError, open_cube, unfinished_note
+from replication.cubes import UNITS_GROUP, StaleCubeError, is_set_aside, open_cube, unfinished_note
 
 DEFAULT_PROFILE = "demo"
 NOT_COMPUTED = "Not yet computed for this profile"
@@ -184,9 +184,9 @@ def audit_rows(table: pd.DataFrame) -> Table:
 # --- provenance --------------------------------------------------------------------------------------------
 
 def cube_attrs(profile_name: str) -> dict[str, dict]:
-    """Root attrs (provenance) of every cube of the profile, by cube name."""
+    """Root attrs (provenance) of every cube of the profile, by cube name (not those set aside by `--fresh`)."""
     directory = resolve_profile(profile_name).results
-    paths = sorted(directory.glob("*.zarr")) if directory.exists() else []
+    paths = sorted(p for p in directory.glob("*.zarr") if not is_set_aside(p)) if directory.exists() else []
     return {path.stem: open_cube(path).attrs for path in paths}
 
 

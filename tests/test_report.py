@@ -13,7 +13,7 @@ import xarray as xr
 from click.testing import CliRunner
 
 from data_prep.paths import REPO_ROOT
-from replication.cubes import CubeStore
+from replication.cubes import CubeStore, set_aside
 from report import render as rr
 
 SECTIONS = ["Summary", "Knowledge", "Truthfulness", "Refusal", "Confidence", "Audit", "Provenance"]
@@ -222,6 +222,8 @@ def test_cube_status_and_provenance_tables(tmp_path, monkeypatch):
         sys.path.remove(str(rr.REPORT_DIR))
     monkeypatch.setenv("PTR_RESULTS_DIR", str(tmp_path))
     write_cube(tmp_path / "demo" / "knowledge.zarr")
+    write_cube(tmp_path / "demo" / "refusal.zarr")
+    set_aside(tmp_path / "demo" / "refusal.zarr")  # as `ptr run refusal --fresh` leaves it: not a cube of the run
     assert "2 finished unit(s)" in blocks.cube_status("knowledge", "demo").data
     assert "Not yet computed for this profile" in blocks.cube_status("refusal", "demo").data
     attrs = blocks.cube_attrs("demo")
