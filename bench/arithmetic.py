@@ -8,9 +8,9 @@ same dtype runs it faster; a step's measured wall time (bench.replicate) over it
 Each step runs in this process, in a scratch directory: the experiments write their cubes to a scratch results
 directory (the user's are untouched; models come from the user's cache), the post-training trains a scratch copy
 (its base model linked from the user's cache). Counted: matrix products (mm, addmm, bmm, attention), forward and
-backward; elementwise work (norms, activations, softmax) and memory traffic are not, so the floor is a lower bound.
-Writes results/bench/<device>-<profile>-arithmetic.{json,md}, with the wall times of the last bench.replicate run
-of the profile beside the floors where there is one.
+backward; elementwise work (norms, activations, softmax) and memory traffic are not, so the floor is a lower
+bound. Writes results/bench/<device>-<profile>-arithmetic.{json,md} after each step, with the wall times of the
+last bench.replicate run of the profile beside the floors where there is one.
 """
 from __future__ import annotations
 
@@ -68,7 +68,9 @@ def environment(**values: str):
 
 
 def count(step) -> tuple[float, float]:
-    """(matrix-product FLOPs, wall seconds) of `step()` under FlopCounterMode."""
+    """(matrix-product FLOPs, wall seconds) of `step()` under FlopCounterMode (slow: its per-op bookkeeping made
+    the demo's knowledge step several times longer than its own run; a plain TorchDispatchMode of the same formulas
+    counts nothing inside an nnsight trace)."""
     start = time.perf_counter()
     with FlopCounterMode(display=False) as counter:
         step()
@@ -149,7 +151,8 @@ def main(profile: str, steps: str) -> None:
             flops, seconds = count(step)
             results["steps"].append({"step": name, "flops": flops, "counted_wall_s": seconds}
                                     | ({"measured_wall_s": walls[name]} if name in walls else {}))
-    write_results(results, f"{device}-{profile}-arithmetic", markdown(results))
+            write_results(results, f"{device}-{profile}-arithmetic", markdown(results), echo=False)  # so far
+    click.echo(markdown(results))
 
 
 if __name__ == "__main__":
