@@ -3,6 +3,7 @@ hidden states; the tiny tokenizer; prompt templates; the offline error for a pap
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import subprocess
 import sys
@@ -15,7 +16,10 @@ from data_prep.paths import REPO_ROOT
 from replication.config import load_model_table
 from replication.models import (
     LAST_POSITION,
+    VOCABULARY_CHUNK,
+    VOCABULARY_ROWS_MIN_ROWS,
     NotPosttrainedError,
+    VocabularyRowsHead,
     decoder_layers,
     format_prompt,
     load_model,
@@ -159,6 +163,33 @@ def test_last_position_logits_are_the_full_forwards_last_row(table, key):
     assert full.shape[1] > 1 and last.shape == traced.shape == (len(PROMPTS), 1, full.shape[-1])
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(traced, last, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", TINY_KEYS)
+def test_the_cpu_head_computes_the_plain_heads_logits(table, key):
+    """On the CPU in float32 the LM head is a VocabularyRowsHead: without a gradient its logits are F.linear's up to
+    the rounding of another product order (whether the bits agree depends on the BLAS: `bench.vocabulary_head`),
+    at every row count, also over several vocabulary blocks with a short remainder; with a gradient it is F.linear
+    itself, gradient included. In bfloat16 the head stays a plain nn.Linear."""
+    spec = table[key]
+    head = module_at(load_model(spec)._module, spec.unembed_path)
+    assert type(head) is VocabularyRowsHead
+    generator = torch.Generator().manual_seed(0)
+    large = VocabularyRowsHead(head.in_features, 2 * VOCABULARY_CHUNK + 5, bias=False)  # three blocks, the last short
+    torch.nn.init.normal_(large.weight, generator=generator)
+    for module, rows in itertools.product((head, large), (1, 2, VOCABULARY_ROWS_MIN_ROWS - 1,
+                                                          VOCABULARY_ROWS_MIN_ROWS, 40)):
+        hidden = torch.randn(rows, 1, module.in_features, generator=generator)  # [batch, position, hidden]
+        with torch.inference_mode():
+            logits = module(hidden)
+        assert logits.shape == (rows, 1, module.out_features) and logits.is_contiguous()
+        torch.testing.assert_close(logits, torch.nn.functional.linear(hidden, module.weight), rtol=1e-6, atol=1e-5)
+    hidden = torch.randn(VOCABULARY_ROWS_MIN_ROWS, head.in_features, generator=generator, requires_grad=True)
+    head(hidden).square().sum().backward()
+    plain = hidden.detach().requires_grad_()
+    torch.nn.functional.linear(plain, head.weight).square().sum().backward()
+    assert torch.equal(hidden.grad, plain.grad)
+    assert type(module_at(load_model(spec, dtype="bfloat16")._module, spec.unembed_path)) is torch.nn.Linear
 
 
 def test_padded_prompt_gets_the_states_of_the_prompt_alone(table):
