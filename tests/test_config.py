@@ -350,7 +350,8 @@ SHIPPED_HASHES = Path(__file__).parent / "data" / "shipped_profile_hashes.json"
 
 def test_shipped_profiles_keep_their_hashes():
     # Recorded with the hand-written validation this schema replaced (commit 5f46f3f; demo after its transfer_scales
-    # became [0.25, 0.5], then after its transfer_n_test: 32, each changing its config and refusal hashes only):
+    # became [0.25, 0.5], after its transfer_n_test: 32, then after its refusal batch_size: 32, each changing its
+    # config and refusal hashes only):
     # equal hashes mean every existing cube stays valid. A deliberate configuration change updates the file (and
     # makes cubes stale).
     recorded = json.loads(SHIPPED_HASHES.read_text())
