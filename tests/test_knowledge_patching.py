@@ -10,7 +10,8 @@ import torch
 from replication.config import load_model_table
 from replication.models import load_model
 from replication.mechanics.patching import (PatchModel, layer_groups, logit_difference, patch_effects,
-                                  patched_logit_difference, reference_patch_effects, unpatched_run)
+                                  patch_true_runs, patched_logit_difference, reference_patch_effects, true_run,
+                                  unpatched_run)
 
 ARCHITECTURES = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma"]
 PREFIX = ("The city of Dar es Salaam is in Italy. This statement is: FALSE\n"
@@ -98,6 +99,26 @@ def test_cross_model_fast_path_equals_reference(key):
     assert torch.allclose(fast.effects, expected, rtol=0, atol=1e-4)
     # Across models even the shared-prefix states differ, so no position is a no-op.
     assert (expected[:, 0, 0] - fast.false_logit_diff).abs().min() > 1e-6
+
+
+@pytest.mark.parametrize("key", ARCHITECTURES)
+def test_sources_sharing_forwards_equal_each_alone(key):
+    """A model's own TRUE runs and another model's patched into it in the same forwards (`patch_true_runs`, as the
+    knowledge experiment does with the two maps into a model) give each source's effects alone up to float
+    rounding; the own rows are not patched where their patch is a no-op, though the other source's rows are."""
+    target, other = patch_model(key), patch_model(key, seed=7)
+    false_ids = prompt_ids(target, 1)
+    runs = [true_run(target, prompt_ids(target, 0), N_TOKS), true_run(other, prompt_ids(other, 0), N_TOKS)]
+    shared = patch_true_runs(runs, target, false_ids, N_TOKS, layers_per_batch=3)
+    for run, together in zip(runs, shared, strict=True):
+        alone = patch_true_runs([run], target, false_ids, N_TOKS, layers_per_batch=3)[0]
+        assert together.effects.shape == (len(PAIRS), len(target.layers), N_TOKS)
+        torch.testing.assert_close(together.effects, alone.effects, rtol=0, atol=1e-5)
+        assert torch.equal(together.true_logit_diff, run.logit_diff)
+        assert torch.equal(together.false_logit_diff, alone.false_logit_diff)
+    own, unpatched = shared[0].effects, shared[0].false_logit_diff[:, None, None]
+    assert torch.equal(own[:, :, :SUBJECT], unpatched.expand(-1, len(target.layers), SUBJECT))
+    assert (shared[1].effects[:, :, :SUBJECT] - unpatched).abs().max() > 1e-6  # the other source's rows ran
 
 
 def test_patching_a_whole_layer_reproduces_the_true_run(model):

@@ -17,9 +17,11 @@ patching both ways, TRUE states of BASE patched into POST's FALSE run ("forward"
   source_model, target_model, dataset. attrs: direction (own/forward/backward), map_kind, n_pairs, answer_ids.
 
 One model is held at a time: a cross-model map needs of its source model only the unpatched TRUE runs
-(replication.mechanics.patching.true_run), so a pair's models are loaded in turn, BASE, POST, then BASE again for the
-backward maps, each computing its own maps, the TRUE runs of the maps it is the source of (kept on the CPU until
-their target is loaded) and the maps it is the target of. A 13B pair then fits a GPU that holds one 13B model; the
+(replication.mechanics.patching.true_run), so a pair's models are loaded in turn: BASE makes its TRUE runs, POST
+makes its own and patches its own map and the forward map, BASE again patches its own map and the backward map.
+A model's TRUE runs are made once for its own map and its cross-model map (where their tokens agree) and kept on
+the CPU until their target is loaded; the two maps into a model share its unpatched FALSE runs and their patched
+rows share forwards (at most `batch_size` pairs in all). A 13B pair then fits a GPU that holds one 13B model; the
 kept runs take layers x n_toks x hidden numbers per pair (about 6 MB per pair for Llama-2-13B in bf16).
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ from data_prep.prompts import SUFFIX, patching_prompts
 from replication.config import ModelSpec, Profile
 from replication.cubes import CubeStore, now
 from replication.mechanics.forward import answer_token_ids
-from replication.mechanics.patching import PatchModel, TrueRun, patch_true_run, true_run
+from replication.mechanics.patching import PatchModel, TrueRun, patch_true_runs, true_run
 from replication.models import load_model, load_tokenizer, release, resolve_device
 from replication.provenance import provenance
 
@@ -159,24 +161,30 @@ def source_runs(source: PatchModel, tokens: list[TokenizedPair], pairs_per_batch
             for batch in batches(tokens, pairs_per_batch)]
 
 
-def patch_dataset(runs: list[TrueRun], target: PatchModel, tokens: list[TokenizedPair], *, pairs_per_batch: int,
-                  layers_per_batch: int | None, progress: bool = True, desc: str = "") -> dict[str, np.ndarray]:
-    """Patch effects of every pair from the source's TRUE runs (`source_runs`), aligned on the last token:
-    effects [pairs, layers, n_max] (NaN in front for pairs with fewer tokens) and the unpatched logit
-    differences [pairs]."""
+def patch_dataset(runs: list[list[TrueRun]], target: PatchModel, tokens: list[TokenizedPair], *,
+                  pairs_per_batch: int, layers_per_batch: int | None, progress: bool = True, desc: str = ""
+                  ) -> list[dict[str, np.ndarray]]:
+    """Patch effects of every pair from the TRUE runs (`source_runs`) of one or more source models into `target`,
+    aligned on the last token, one result per source: effects [pairs, layers, n_max] (NaN in front for pairs
+    with fewer tokens) and the unpatched logit differences [pairs]. The sources share each forward, a batch's
+    pairs split so that a forward holds at most `pairs_per_batch` pairs in all."""
     n_max = max(pair.n_toks for pair in tokens)
-    effects = np.full((len(tokens), len(target.layers), n_max), np.nan, dtype=np.float32)
-    true_diff = np.empty(len(tokens), dtype=np.float32)
-    false_diff = np.empty(len(tokens), dtype=np.float32)
-    for batch, run in progress_bar(list(zip(batches(tokens, pairs_per_batch), runs, strict=True)), desc=desc,
-                                   unit="batch", leave=False, enabled=progress):
+    results = [{"effects": np.full((len(tokens), len(target.layers), n_max), np.nan, dtype=np.float32),
+                "true_logit_diff": np.empty(len(tokens), dtype=np.float32),
+                "false_logit_diff": np.empty(len(tokens), dtype=np.float32)} for _ in runs]
+    per_forward = max(1, pairs_per_batch // len(runs))
+    for batch, batch_runs in progress_bar(list(zip(batches(tokens, pairs_per_batch), zip(*runs), strict=True)),
+                                          desc=desc, unit="batch", leave=False, enabled=progress):
         n_toks = tokens[batch[0]].n_toks
-        result = patch_true_run(run, target, torch.tensor([tokens[i].false_ids for i in batch]), n_toks,
-                                layers_per_batch)
-        effects[batch, :, n_max - n_toks:] = result.effects.cpu().numpy()
-        true_diff[batch] = result.true_logit_diff.cpu().numpy()
-        false_diff[batch] = result.false_logit_diff.cpu().numpy()
-    return {"effects": effects, "true_logit_diff": true_diff, "false_logit_diff": false_diff}
+        for start in range(0, len(batch), per_forward):
+            part, selected = batch[start:start + per_forward], slice(start, start + per_forward)
+            patched = patch_true_runs([run.pairs(selected) for run in batch_runs], target,
+                                      torch.tensor([tokens[i].false_ids for i in part]), n_toks, layers_per_batch)
+            for result, effects in zip(results, patched, strict=True):
+                result["effects"][part, :, n_max - n_toks:] = effects.effects.cpu().numpy()
+                result["true_logit_diff"][part] = effects.true_logit_diff.cpu().numpy()
+                result["false_logit_diff"][part] = effects.false_logit_diff.cpu().numpy()
+    return results
 
 
 def unit_dataset(source_key: str, target_key: str, dataset: str, direction: str, pairs: list[Pair],
@@ -235,15 +243,38 @@ def map_inputs(profile: Profile, source_spec: ModelSpec, target_spec: ModelSpec,
     return MapInputs(pairs, tokens)
 
 
-def patching_unit(profile: Profile, target: PatchModel, source_key: str, target_key: str, direction: str,
-                  dataset: str, inputs: MapInputs, progress: bool = True) -> xr.Dataset:
-    """One map: the source's TRUE runs (`inputs.runs`) patched into `target`'s FALSE runs, every pair of
-    `dataset`."""
-    patched = patch_dataset(inputs.runs, target, inputs.tokens, pairs_per_batch=profile.batch_size_for(EXPERIMENT),
+Map = tuple[str, str, str, str]  # (source, target, direction, dataset)
+
+
+def patching_units(profile: Profile, target: PatchModel, maps: list[Map], inputs: list[MapInputs],
+                   progress: bool = True) -> list[xr.Dataset]:
+    """Maps into `target` with the same FALSE prompts (one dataset): their sources' TRUE runs (`inputs[i].runs`)
+    patched into `target`'s FALSE runs in shared forwards, every pair of the dataset; one unit per map."""
+    (_, target_key, _, dataset), tokens = maps[0], inputs[0].tokens
+    patched = patch_dataset([i.runs for i in inputs], target, tokens,
+                            pairs_per_batch=profile.batch_size_for(EXPERIMENT),
                             layers_per_batch=profile.experiment(EXPERIMENT).layers_per_batch, progress=progress,
-                            desc=unit_name(source_key, target_key, dataset))
-    return unit_dataset(source_key, target_key, dataset, direction, inputs.pairs, inputs.tokens, patched,
-                        target.answer_ids)
+                            desc=" + ".join(unit_name(*m[:2], dataset) for m in maps))
+    return [unit_dataset(source, target_key, dataset, direction, i.pairs, i.tokens, result, target.answer_ids)
+            for (source, _, direction, _), i, result in zip(maps, inputs, patched, strict=True)]
+
+
+def patch_groups(todo: dict[Map, MapInputs | None], key: str) -> list[list[Map]]:
+    """The maps into model `key` that can be patched now, in groups that share forwards: per dataset, once every
+    map into `key` has its TRUE runs (a model's own map waits for the cross-model map into it), split by FALSE
+    prompt tokens (maps with another prompt prefix, the Mistral SFT's, run apart)."""
+    by_dataset: dict[str, list[Map]] = {}
+    for m in todo:
+        if m[1] == key:
+            by_dataset.setdefault(m[3], []).append(m)
+    groups = []
+    for maps in by_dataset.values():
+        if all(todo[m] is not None for m in maps):
+            by_tokens: dict[tuple, list[Map]] = {}
+            for m in maps:
+                by_tokens.setdefault(tuple((tuple(t.false_ids), t.n_toks) for t in todo[m].tokens), []).append(m)
+            groups += by_tokens.values()
+    return groups
 
 
 def run(profile: Profile, *, progress: bool = True) -> Path:
@@ -262,24 +293,29 @@ def run(profile: Profile, *, progress: bool = True) -> Path:
                 if not store.has_unit(unit_name(source, target, dataset))}
         check_answer_ids(tokenizers, (base, post))
         for key in (base, post, base):  # BASE again for the backward maps (POST's runs into BASE)
-            # loaded when it has TRUE runs to make or maps whose source runs are at hand (its own maps: both)
-            if not any((source == key and inputs is None) or (target == key and (inputs is not None or source == key))
-                       for (source, target, _, _), inputs in todo.items()):
+            # loaded when it has TRUE runs to make or maps into it to patch (its own maps wait for the cross-model
+            # maps into it: they share forwards)
+            if not any(source == key and inputs is None for (source, *_), inputs in todo.items()) \
+                    and not patch_groups(todo, key):
                 continue
             model = PatchModel.from_spec(load_model(specs[key], dtype=profile.dtype, device=profile.device),
                                          specs[key])
-            for (source, target, direction, dataset) in progress_bar(list(todo), desc=f"knowledge {key}",
-                                                                     unit="map", enabled=progress):
-                started = now()
-                inputs = todo[(source, target, direction, dataset)]
+            true_runs = {}  # this model's TRUE runs by their tokens: its own map and its cross-model map share them
+            for (source, target, direction, dataset), inputs in list(todo.items()):
                 if source == key and inputs is None:
                     inputs = map_inputs(profile, specs[source], specs[target], tokenizers, dataset)
-                    inputs.runs = source_runs(model, inputs.tokens, profile.batch_size_for(EXPERIMENT))
+                    true_ids = tuple(tuple(pair.true_ids) for pair in inputs.tokens)
+                    if true_ids not in true_runs:
+                        true_runs[true_ids] = source_runs(model, inputs.tokens, profile.batch_size_for(EXPERIMENT))
+                    inputs.runs = true_runs[true_ids]
                     todo[(source, target, direction, dataset)] = inputs
-                if target == key and inputs is not None:
-                    unit = patching_unit(profile, model, source, target, direction, dataset, inputs, progress)
-                    store.write_unit(unit_name(source, target, dataset), unit, started_at=started)
-                    del todo[(source, target, direction, dataset)]
+            for maps in progress_bar(patch_groups(todo, key), desc=f"knowledge {key}", unit="dataset",
+                                     enabled=progress):
+                started = now()
+                units = patching_units(profile, model, maps, [todo[m] for m in maps], progress)
+                for m, unit in zip(maps, units, strict=True):
+                    store.write_unit(unit_name(*m[:2], m[3]), unit, started_at=started)
+                    del todo[m]
             del model
             release()
     store.update_attrs(finished_at=now())

@@ -12,13 +12,14 @@ Two implementations of the same numbers, tested equal on every tiny architecture
   up to l, so for each position p one batched forward runs only the tokens from p on, attending to the FALSE run's
   cached keys/values for the tokens before p; the layers up to a group's first patched layer are skipped (their
   output is the FALSE run's); the LM head computes only the two answer logits. A batch holds several pairs (of equal
-  token counts) times the patched layers of one group.
+  token counts), from one or more source models (`patch_true_runs`), times the patched layers of one group.
 
 Everything goes through nnsight (reading and writing layer outputs, skipping modules); the model's own forward
 does the rest, so architecture details (rotary embeddings, sliding windows, logit soft-capping) need no code here.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -165,6 +166,9 @@ class TrueRun:
     def to(self, device) -> TrueRun:
         return TrueRun(self.states.to(device), self.logit_diff.to(device))
 
+    def pairs(self, selected: slice) -> TrueRun:
+        return TrueRun(self.states[:, selected], self.logit_diff[selected])
+
 
 def true_run(source: PatchModel, true_ids: torch.Tensor, n_toks: int) -> TrueRun:
     """The source model's TRUE run of a batch (ids [pairs, T]). Computed apart from the patching, it lets a
@@ -184,25 +188,33 @@ def patch_effects(source: PatchModel, target: PatchModel, true_ids: torch.Tensor
                   n_toks: int, layers_per_batch: int | None = None) -> PatchEffects:
     """Patch effects of a batch of pairs with equal token counts (ids [pairs, T]); a batched forward holds the
     pairs times `layers_per_batch` patched layers (None: all layers)."""
-    return patch_true_run(true_run(source, true_ids, n_toks), target, false_ids, n_toks, layers_per_batch)
+    return patch_true_runs([true_run(source, true_ids, n_toks)], target, false_ids, n_toks, layers_per_batch)[0]
 
 
-def patch_true_run(true: TrueRun, target: PatchModel, false_ids: torch.Tensor, n_toks: int,
-                   layers_per_batch: int | None = None) -> PatchEffects:
-    """`patch_effects` from the source's TRUE run computed beforehand (`true_run`)."""
+def patch_true_runs(trues: Sequence[TrueRun], target: PatchModel, false_ids: torch.Tensor, n_toks: int,
+                    layers_per_batch: int | None = None) -> list[PatchEffects]:
+    """`patch_effects` of the TRUE runs (`true_run`) of one or more source models, computed beforehand, into the
+    same FALSE prompts: one unpatched FALSE run, and every patched forward holds the rows of all sources (a
+    model's own map and a cross-model map into it share their forwards). One PatchEffects per source."""
     prefix = false_ids.shape[1] - n_toks
     false_ids = false_ids.to(target.device)
-    true_states = true.states.to(target.device)
     false_run = unpatched_run(target, false_ids, n_toks)
-    effects = torch.empty(false_ids.shape[0], len(target.layers), n_toks, device=target.device)
+    n_pairs, n_layers = false_ids.shape[0], len(target.layers)
+    true_states = torch.cat([true.states.to(target.device) for true in trues], dim=1)  # rows: source-major
+    pair_of_row = torch.arange(n_pairs, device=target.device).repeat(len(trues))
+    # A row whose TRUE state equals the FALSE one bit for bit at a position (own model, tokens before the first that
+    # differs) is not patched there: the patch is a no-op, the effect the unpatched FALSE run's.
+    effects = false_run.logit_diff[pair_of_row, None, None].repeat(1, n_layers, n_toks)
     for p in range(n_toks):
-        # Where the TRUE state equals the FALSE one bit for bit (own model, tokens before the first that differs)
-        # the patch is a no-op: the effect is the unpatched FALSE run's.
-        if torch.equal(true_states[:, :, p], false_run.states[:, :, p]):
-            effects[:, :, p] = false_run.logit_diff[:, None]
+        differs = (true_states[:, :, p] != false_run.states[:, pair_of_row, p]).any(dim=2).any(dim=0)  # [rows]
+        patched = torch.nonzero(differs).squeeze(1)
+        if len(patched) == 0:
             continue
-        before = [(k[:, :, :prefix + p], v[:, :, :prefix + p]) for k, v in false_run.keys_values]
-        for group in layer_groups(len(target.layers), layers_per_batch or len(target.layers)):
-            effects[:, group, p] = patched_suffix_run(target, false_ids[:, prefix + p:], before,
-                                                      false_run.states[:, :, p:], true_states[:, :, p], group)
-    return PatchEffects(effects, true.logit_diff, false_run.logit_diff)
+        pairs = pair_of_row[patched]
+        before = [(k[pairs, :, :prefix + p], v[pairs, :, :prefix + p]) for k, v in false_run.keys_values]
+        for group in layer_groups(n_layers, layers_per_batch or n_layers):
+            effects[patched[:, None], torch.tensor(list(group), device=target.device), p] = patched_suffix_run(
+                target, false_ids[pairs, prefix + p:], before, false_run.states[:, pairs, p:],
+                true_states[:, patched, p], group)
+    return [PatchEffects(rows, true.logit_diff, false_run.logit_diff)
+            for rows, true in zip(effects.split(n_pairs), trues, strict=True)]
